@@ -1,0 +1,40 @@
+"""Strategy math as pure torch functions: device-agnostic, explicit ``torch.Generator``."""
+
+from taskal.functional.badge import badge_select, gradient_factors, gradient_sq_dists_to
+from taskal.functional.diversity import k_center_greedy, kmeans_pp, min_sq_dists, sq_dists_to
+from taskal.functional.llal import loss_ranking_loss
+from taskal.functional.reduction import reduce_units
+from taskal.functional.uncertainty import (
+    bald,
+    entropy,
+    least_confidence,
+    margin,
+    mean_kl,
+    mean_std,
+    variation_ratios,
+    vote_entropy,
+)
+from taskal.functional.validation import check_budget, check_probs, check_scores
+
+__all__ = [
+    "badge_select",
+    "bald",
+    "check_budget",
+    "check_probs",
+    "check_scores",
+    "entropy",
+    "gradient_factors",
+    "gradient_sq_dists_to",
+    "k_center_greedy",
+    "kmeans_pp",
+    "least_confidence",
+    "loss_ranking_loss",
+    "margin",
+    "mean_kl",
+    "mean_std",
+    "min_sq_dists",
+    "reduce_units",
+    "sq_dists_to",
+    "variation_ratios",
+    "vote_entropy",
+]

@@ -1,0 +1,14 @@
+"""Simulated active learning with a ground-truth oracle, and its reports."""
+
+from taskal.simulation.loop import Simulation, SimulationConfig, resolve_strategies
+from taskal.simulation.report import aulc, format_table, plot_curves, summarize
+
+__all__ = [
+    "Simulation",
+    "SimulationConfig",
+    "aulc",
+    "format_table",
+    "plot_curves",
+    "resolve_strategies",
+    "summarize",
+]

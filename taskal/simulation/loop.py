@@ -1,0 +1,205 @@
+"""Multi-round active learning against a ground-truth oracle (a simulation).
+
+Every (strategy, seed) run starts from the same seed-dependent initial labeled set and
+trains with the same seed-dependent initialisation each round, so curves differ only by
+what the strategies select. Random sampling always runs as the baseline.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from taskal.adapters import ClassificationAdapter, EnsembleAdapter
+from taskal.data.pool import TensorPool
+from taskal.llal.module import LossPredictionModule
+from taskal.models import build_model
+from taskal.selector import Selector, build_strategy
+from taskal.strategies.base import QueryStrategy
+from taskal.training import LLALConfig, TrainConfig, accuracy, train_classifier
+from taskal.types import Adapter, ItemId
+
+SUPPORTED_TASKS = ("cls",)
+
+
+@dataclass
+class SimulationConfig:
+    """Settings of one simulation (the ``al`` block of a config, resolved).
+
+    Attributes:
+        strategies: registered names or config dicts (a dict may carry ``name``, the label
+            used in results); ``random`` is added first when missing.
+        initial: size of the initial random labeled set.
+        budget: labels bought per round.
+        rounds: selection rounds (the curve has ``rounds + 1`` points).
+        seeds: one run per seed and strategy.
+        ensemble_size: members trained for ensemble strategies.
+        model: :data:`~taskal.registry.MODELS` config; ``num_classes`` and ``in_channels``
+            are filled from the data.
+        adapter: extra arguments of the classification adapter.
+        train: :class:`TrainConfig` fields.
+        llal: :class:`LLALConfig` fields.
+        device: where models run.
+        progress: show progress bars.
+    """
+
+    strategies: list[Any] = field(default_factory=lambda: ["random", "entropy"])
+    initial: int = 20
+    budget: int = 20
+    rounds: int = 10
+    seeds: list[int] = field(default_factory=lambda: [0])
+    ensemble_size: int = 5
+    model: dict[str, Any] = field(default_factory=lambda: {"type": "SmallCNN"})
+    adapter: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    llal: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    progress: bool = True
+    task: str = "cls"
+
+    def __post_init__(self) -> None:
+        if self.task not in SUPPORTED_TASKS:
+            raise ValueError(
+                f"simulation supports task {SUPPORTED_TASKS} today, got {self.task!r}"
+            )
+        for name in ("initial", "budget", "ensemble_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.rounds, int) or self.rounds < 0:
+            raise ValueError(f"rounds must be a non-negative integer, got {self.rounds!r}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
+        if self.initial < 2:
+            raise ValueError("initial must be at least 2 (a model needs two labels to train)")
+        self.train_cfg = TrainConfig(**self.train)
+        self.llal_cfg = LLALConfig(**self.llal)
+
+
+def strategy_label(cfg: Any) -> str:
+    """The name a strategy config is reported under."""
+    if isinstance(cfg, str):
+        return cfg
+    return str(cfg.get("name", cfg["type"]))
+
+
+def resolve_strategies(specs: list[Any]) -> list[tuple[str, QueryStrategy]]:
+    """Build every strategy up front (a bad config fails before any training)."""
+    specs = list(specs)
+    if not any(strategy_label(s) == "random" for s in specs):
+        specs.insert(0, "random")
+    built: list[tuple[str, QueryStrategy]] = []
+    for spec in specs:
+        cfg = spec if isinstance(spec, str) else {k: v for k, v in spec.items() if k != "name"}
+        built.append((strategy_label(spec), build_strategy(cfg)))
+    labels = [label for label, _ in built]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"strategy labels must be unique, got {labels}; give each a 'name'")
+    return built
+
+
+class Simulation:
+    """Run the rounds of every (strategy, seed) on a pool and a held-out test set."""
+
+    def __init__(self, cfg: SimulationConfig, pool: TensorPool, test: TensorPool) -> None:
+        if pool.targets is None or test.targets is None:
+            raise ValueError("a simulation needs labels for the pool and the test set")
+        needed = cfg.initial + cfg.rounds * cfg.budget
+        if needed > len(pool):
+            raise ValueError(
+                f"initial {cfg.initial} + rounds {cfg.rounds} x budget {cfg.budget} = {needed} "
+                f"labels, but the pool holds only {len(pool)} items; lower rounds or budget"
+            )
+        self.cfg = cfg
+        self.pool = pool
+        self.test = test
+        self.strategies = resolve_strategies(cfg.strategies)
+        num_classes = len(pool.classes) if pool.classes else int(pool.targets.max()) + 1
+        self.model_cfg = dict(cfg.model, num_classes=num_classes, in_channels=pool.inputs.shape[1])
+        self.input_shape = tuple(pool.inputs.shape[1:])
+
+    def run(self) -> list[dict[str, Any]]:
+        """All runs as ``{"strategy", "seed", "curve"}`` dicts."""
+        total = len(self.strategies) * len(self.cfg.seeds) * (self.cfg.rounds + 1)
+        runs = []
+        with tqdm(total=total, desc="simulate", disable=not self.cfg.progress) as bar:
+            for seed in self.cfg.seeds:
+                for label, strategy in self.strategies:
+                    bar.set_postfix_str(f"{label} seed={seed}")
+                    curve = self.run_one(strategy, seed, bar)
+                    runs.append({"strategy": label, "seed": seed, "curve": curve})
+        return runs
+
+    def initial_labeled(self, seed: int) -> list[ItemId]:
+        g = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(len(self.pool), generator=g)[: self.cfg.initial]
+        return [self.pool.ids[int(r)] for r in rows]
+
+    def run_one(self, strategy: QueryStrategy, seed: int, bar: Any = None) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        labeled = self.initial_labeled(seed)
+        selector = Selector(strategy, progress=False)
+        curve = []
+        test_batch = self.test.take(self.test.ids)
+        for r in range(cfg.rounds + 1):
+            t0 = time.perf_counter()
+            adapter = self.train(strategy, labeled, seed, r)
+            train_seconds = time.perf_counter() - t0
+            metric = accuracy(_first_member(adapter), test_batch)
+            select_seconds = 0.0
+            n_labeled = len(labeled)
+            if r < cfg.rounds:
+                t1 = time.perf_counter()
+                g = torch.Generator().manual_seed(_mix(seed, r, 1))
+                new = selector.select(adapter, self.pool, labeled, cfg.budget, g)
+                select_seconds = time.perf_counter() - t1
+                labeled = labeled + new
+            curve.append(
+                {
+                    "labeled": n_labeled,
+                    "metric": metric,
+                    "select_seconds": select_seconds,
+                    "train_seconds": train_seconds,
+                }
+            )
+            if bar is not None:
+                bar.update(1)
+        return curve
+
+    def train(self, strategy: QueryStrategy, labeled: list[ItemId], seed: int, r: int) -> Adapter:
+        """Train a fresh model (or ensemble) on ``labeled`` for round ``r``."""
+        batch = self.pool.take(labeled)
+        members = self.cfg.ensemble_size if strategy.sampling == "ensemble" else 1
+        use_llal = "loss_pred" in strategy.needs
+        adapters = []
+        for m in range(members):
+            torch.manual_seed(_mix(seed, r, 0, m))
+            model = build_model(copy.deepcopy(self.model_cfg))
+            adapter = ClassificationAdapter(
+                model, input_shape=self.input_shape, device=self.cfg.device, **self.cfg.adapter
+            )
+            llal = None
+            if use_llal:
+                llal = LossPredictionModule(adapter.feature_info, hidden=self.cfg.llal_cfg.hidden)
+            g = torch.Generator().manual_seed(_mix(seed, r, 2, m))
+            train_classifier(adapter, batch, self.cfg.train_cfg, g, llal, self.cfg.llal_cfg)
+            adapters.append(adapter)
+        return adapters[0] if members == 1 else EnsembleAdapter(adapters)
+
+
+def _first_member(adapter: Adapter) -> Adapter:
+    """Metrics come from one model, so ensemble curves compare with single-model baselines."""
+    return adapter.members[0] if isinstance(adapter, EnsembleAdapter) else adapter
+
+
+def _mix(*parts: int) -> int:
+    """A deterministic seed from several integers."""
+    value = 0x9E3779B9
+    for p in parts:
+        value = (value * 1_000_003 + int(p) + 1) % (2**61 - 1)
+    return value

@@ -1,0 +1,133 @@
+"""Summaries of simulation results: area under the learning curve, labels to match random."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def aulc(labeled: list[int], metric: list[float]) -> float:
+    """Normalised area under a learning curve: the trapezoid area over the labeled range.
+
+    Equals the mean metric over the range, so it reads in the metric's units.
+    """
+    x = np.asarray(labeled, dtype=float)
+    y = np.asarray(metric, dtype=float)
+    if len(x) == 1 or x[-1] == x[0]:
+        return float(y.mean())
+    return float(np.trapezoid(y, x) / (x[-1] - x[0]))
+
+
+def curves_by_strategy(results: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+    """Per strategy: ``labeled`` ``[R]`` and ``metric`` ``[S, R]`` over seeds."""
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for run in results["runs"]:
+        grouped[run["strategy"]].append(run)
+    out = {}
+    for name, runs in grouped.items():
+        labeled = [p["labeled"] for p in runs[0]["curve"]]
+        for run in runs:
+            if [p["labeled"] for p in run["curve"]] != labeled:
+                raise ValueError(f"runs of {name!r} have different labeled counts")
+        out[name] = {
+            "labeled": np.asarray(labeled),
+            "metric": np.asarray([[p["metric"] for p in r["curve"]] for r in runs]),
+            "select_seconds": np.asarray([[p["select_seconds"] for p in r["curve"]] for r in runs]),
+            "train_seconds": np.asarray([[p["train_seconds"] for p in r["curve"]] for r in runs]),
+            "seeds": np.asarray([r["seed"] for r in runs]),
+        }
+    return out
+
+
+def labels_to_reach(labeled: np.ndarray, mean_metric: np.ndarray, target: float) -> int | None:
+    """The first labeled count whose mean metric reaches ``target``; ``None`` if never."""
+    hits = np.nonzero(mean_metric >= target - 1e-12)[0]
+    return int(labeled[hits[0]]) if len(hits) else None
+
+
+def summarize(results: dict[str, Any], baseline: str = "random") -> list[dict[str, Any]]:
+    """One row per strategy: AULC and final metric (mean, std over seeds), labels needed to
+    reach the baseline's final mean metric, AULC difference to the baseline, and timings.
+    """
+    curves = curves_by_strategy(results)
+    if baseline not in curves:
+        raise ValueError(f"results hold no {baseline!r} runs to compare against")
+    base_final = float(curves[baseline]["metric"][:, -1].mean())
+    base_aulcs = {
+        int(s): aulc(list(curves[baseline]["labeled"]), list(m))
+        for s, m in zip(curves[baseline]["seeds"], curves[baseline]["metric"], strict=True)
+    }
+    rows = []
+    for name, c in curves.items():
+        aulcs = np.asarray([aulc(list(c["labeled"]), list(m)) for m in c["metric"]])
+        paired = [a - base_aulcs[int(s)] for s, a in zip(c["seeds"], aulcs, strict=True)
+                  if int(s) in base_aulcs]
+        rows.append(
+            {
+                "strategy": name,
+                "aulc_mean": float(aulcs.mean()),
+                "aulc_std": float(aulcs.std()),
+                "final_mean": float(c["metric"][:, -1].mean()),
+                "final_std": float(c["metric"][:, -1].std()),
+                "labels_to_baseline_final": labels_to_reach(
+                    c["labeled"], c["metric"].mean(0), base_final
+                ),
+                "aulc_delta": float(np.mean(paired)) if paired else float("nan"),
+                "aulc_delta_wins": int(sum(d > 0 for d in paired)),
+                "num_seeds": len(c["seeds"]),
+                "select_seconds": float(c["select_seconds"][:, :-1].mean())
+                if c["select_seconds"].shape[1] > 1
+                else 0.0,
+                "train_seconds": float(c["train_seconds"].mean()),
+            }
+        )
+    rows.sort(key=lambda r: -r["aulc_mean"])
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], metric: str, baseline: str = "random") -> str:
+    """A Markdown table of :func:`summarize` rows."""
+    head = (
+        f"| strategy | AULC ({metric}) | Δ AULC vs {baseline} (seeds better) | final {metric} | "
+        f"labels to reach {baseline}'s final | select s/round | train s/round |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        reach = r["labels_to_baseline_final"]
+        lines.append(
+            f"| {r['strategy']} | {r['aulc_mean']:.4f} ± {r['aulc_std']:.4f} | "
+            f"{r['aulc_delta']:+.4f} ({r['aulc_delta_wins']}/{r['num_seeds']}) | "
+            f"{r['final_mean']:.4f} ± {r['final_std']:.4f} | "
+            f"{reach if reach is not None else 'not reached'} | "
+            f"{r['select_seconds']:.2f} | {r['train_seconds']:.2f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def plot_curves(results: dict[str, Any], path: Path, baseline: str = "random") -> None:
+    """Learning curves: mean over seeds with a ±1 std band; the baseline dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = curves_by_strategy(results)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for name, c in curves.items():
+        mean, std = c["metric"].mean(0), c["metric"].std(0)
+        style = {"linestyle": "--", "color": "black", "linewidth": 2} if name == baseline else {}
+        ax.plot(c["labeled"], mean, marker="o", markersize=3, label=name, **style)
+        ax.fill_between(c["labeled"], mean - std, mean + std, alpha=0.12, color=style.get("color"))
+    n_seeds = max(len(c["seeds"]) for c in curves.values())
+    ax.set_xlabel("labeled items")
+    ax.set_ylabel(results["metric"])
+    ax.set_title(f"{results['task']}: mean ± std over {n_seeds} seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,36 @@
+"""Registered query strategies (importing this package registers them all)."""
+
+from taskal.strategies.base import QueryStrategy, ScoreStrategy, UnitScoreStrategy
+from taskal.strategies.diversity import BADGE, CoreSet
+from taskal.strategies.hybrid import TwoStage
+from taskal.strategies.llal import LearningLoss
+from taskal.strategies.random import RandomSampling
+from taskal.strategies.uncertainty import (
+    BALD,
+    Entropy,
+    EnsembleKL,
+    LeastConfidence,
+    Margin,
+    MeanSTD,
+    VariationRatios,
+    VoteEntropy,
+)
+
+__all__ = [
+    "BADGE",
+    "BALD",
+    "CoreSet",
+    "EnsembleKL",
+    "Entropy",
+    "LearningLoss",
+    "LeastConfidence",
+    "Margin",
+    "MeanSTD",
+    "QueryStrategy",
+    "RandomSampling",
+    "ScoreStrategy",
+    "TwoStage",
+    "UnitScoreStrategy",
+    "VariationRatios",
+    "VoteEntropy",
+]

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import torch
+
+from taskal import functional as F
+
+
+def _brute_k_center(x: torch.Tensor, labeled: torch.Tensor, k: int) -> list[int]:
+    d = torch.cdist(x, labeled).pow(2).min(1).values
+    picks = []
+    for _ in range(k):
+        d = d.clone()
+        d[picks] = -1
+        j = int(d.argmax())
+        picks.append(j)
+        d = torch.minimum(d, torch.cdist(x, x[j : j + 1]).pow(2)[:, 0])
+    return picks
+
+
+def test_k_center_matches_brute_force() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 5, generator=g, dtype=torch.float64)
+    labeled = torch.randn(10, 5, generator=g, dtype=torch.float64)
+    init = F.min_sq_dists(x, labeled)
+    picks = F.k_center_greedy(F.sq_dists_to(x), len(x), 12, init)
+    assert picks.tolist() == _brute_k_center(x, labeled, 12)
+
+
+def test_k_center_scales_without_n_by_n() -> None:
+    # 60,000^2 float64 distances would need 28.8 GB, more than this machine has.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60_000, 4, generator=g, dtype=torch.float64)
+    picks = F.k_center_greedy(F.sq_dists_to(x), len(x), 5, None, g)
+    assert len(set(picks.tolist())) == 5
+
+
+def test_k_center_spreads_over_clusters() -> None:
+    centers = torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0]])
+    x = torch.cat([c + 0.01 * torch.randn(50, 2) for c in centers])
+    picks = F.k_center_greedy(F.sq_dists_to(x), len(x), 3, None, torch.Generator().manual_seed(1))
+    assert sorted(int(p) // 50 for p in picks) == [0, 1, 2]
+
+
+def test_badge_factorized_distance_equals_explicit() -> None:
+    g = torch.Generator().manual_seed(0)
+    probs = torch.randn(40, 6, generator=g, dtype=torch.float64).softmax(1)
+    emb = torch.randn(40, 9, generator=g, dtype=torch.float64)
+    a, h = F.gradient_factors(probs, emb)
+    explicit = (a[:, :, None] * h[:, None, :]).flatten(1)  # [N, C*(D+1)], test only
+    dist = F.gradient_sq_dists_to(a, h)
+    for j in (0, 7, 39):
+        want = (explicit - explicit[j]).pow(2).sum(1)
+        assert torch.allclose(dist(j), want, atol=1e-9)
+
+
+def test_badge_seeded_unique_and_reproducible() -> None:
+    g = torch.Generator().manual_seed(0)
+    probs = torch.randn(100, 4, generator=g).softmax(1)
+    emb = torch.randn(100, 8, generator=g)
+    a = F.badge_select(probs, emb, 10, torch.Generator().manual_seed(3))
+    b = F.badge_select(probs, emb, 10, torch.Generator().manual_seed(3))
+    assert a.tolist() == b.tolist() and len(set(a.tolist())) == 10
+    norms = (probs - torch.nn.functional.one_hot(probs.argmax(1), 4)).pow(2).sum(1) * (
+        emb.pow(2).sum(1) + 1
+    )
+    assert int(a[0]) == int(norms.argmax())
+
+
+def test_kmeans_pp_handles_duplicates() -> None:
+    x = torch.zeros(5, 3)
+    picks = F.kmeans_pp(F.sq_dists_to(x), 5, 5, 0, torch.Generator().manual_seed(0))
+    assert sorted(picks.tolist()) == [0, 1, 2, 3, 4]
