@@ -42,7 +42,9 @@ def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str
 
 
 @contextlib.contextmanager
-def mc_dropout(model: nn.Module, inject_at: nn.Module | None = None, p: float = 0.5) -> Iterator[None]:
+def mc_dropout(
+    model: nn.Module, inject_at: nn.Module | None = None, p: float = 0.5
+) -> Iterator[None]:
     """Turn dropout on at test time only; BatchNorm and the rest stay in eval mode.
 
     Every dropout module is switched to train mode. When the model has none, dropout with
@@ -75,12 +77,8 @@ def mc_dropout(model: nn.Module, inject_at: nn.Module | None = None, p: float = 
     finally:
         if handle is not None:
             handle.remove()
-        for m, mode in modes.items():
-            m.train(mode)
-
-
-def has_dropout(model: nn.Module) -> bool:
-    return any(isinstance(m, _DROPOUT) for m in model.modules())
+        for module, mode in modes.items():
+            module.train(mode)
 
 
 def probe_feature_shapes(

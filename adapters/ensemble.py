@@ -72,7 +72,7 @@ class EnsembleAdapter(Adapter):
         return self.members[0].per_sample_loss(batch)
 
     @contextlib.contextmanager
-    def stochastic(self) -> Iterator[None]:  # type: ignore[override]
+    def stochastic(self) -> Iterator[None]:
         """MC dropout in every member at once."""
         with contextlib.ExitStack() as stack:
             for member in self.members:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from torch import Tensor, nn
 
 from taskal.registry import MODELS

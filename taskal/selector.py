@@ -72,10 +72,13 @@ class Selector:
         labeled_set = set(labeled)
         unknown = labeled_set.difference(source.ids)
         if unknown:
-            raise KeyError(f"{len(unknown)} labeled ids are not in the pool, e.g. {sorted(map(str, unknown))[:3]}")
+            examples = sorted(map(str, unknown))[:3]
+            raise KeyError(f"{len(unknown)} labeled ids are not in the pool, e.g. {examples}")
         candidates = [i for i in source.ids if i not in labeled_set]
         check_budget(budget, len(candidates))
-        outputs = self.gather(adapter, source, candidates, [i for i in source.ids if i in labeled_set])
+        outputs = self.gather(
+            adapter, source, candidates, [i for i in source.ids if i in labeled_set]
+        )
         positions = self.strategy.select(outputs, budget, generator)
         return self._check_positions(positions, len(candidates), budget, candidates)
 

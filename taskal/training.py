@@ -83,7 +83,9 @@ def train_classifier(
         llal.to(device).train()
     stats = {"task_loss": 0.0, "llal_loss": 0.0}
     for epoch in tqdm(range(cfg.epochs), desc="train", disable=not progress, leave=False):
-        order = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-per_epoch // n))])
+        order = torch.cat(
+            [torch.randperm(n, generator=generator) for _ in range(-(-per_epoch // n))]
+        )
         order = order[:per_epoch]
         totals, steps = {"task_loss": 0.0, "llal_loss": 0.0}, 0
         for start in range(0, per_epoch, cfg.batch_size):
@@ -121,7 +123,9 @@ def accuracy(adapter: Adapter, batch: Batch, batch_size: int = 512) -> float:
         raise ValueError("accuracy needs batch.targets")
     correct = 0
     for start in range(0, len(batch), batch_size):
-        part = Batch(batch.inputs[start : start + batch_size], batch.ids[start : start + batch_size])
+        part = Batch(
+            batch.inputs[start : start + batch_size], batch.ids[start : start + batch_size]
+        )
         pred = adapter.predict(part).probs_UCK.mean(-1).argmax(1).cpu()
         correct += int((pred == batch.targets[start : start + batch_size].cpu()).sum())
     return correct / len(batch)

@@ -37,7 +37,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace results in --output-dir")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(
-        "--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
+        "--cfg-options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
         help="override config entries, e.g. al.budget=40 train.epochs=10",
     )
     return p
@@ -61,8 +64,11 @@ def load_config(args: argparse.Namespace) -> Any:
         if args.dataset == "digits":
             cfg.dataset = {"type": "digits"}
         else:
-            cfg.dataset = {"type": "image_folder", "root": args.dataset,
-                           "image_size": cfg.dataset.get("image_size", 32)}
+            cfg.dataset = {
+                "type": "image_folder",
+                "root": args.dataset,
+                "image_size": cfg.dataset.get("image_size", 32),
+            }
     if args.image_size is not None:
         cfg.dataset["image_size"] = args.image_size
     return cfg
@@ -81,8 +87,10 @@ def _parse_options(options: list[str]) -> dict[str, Any]:
 
 
 def prepare_output(args: argparse.Namespace) -> Path:
-    out = Path(args.output_dir) if args.output_dir else (
-        ROOT / "work_dirs" / "simulate" / time.strftime("%Y%m%d-%H%M%S")
+    out = (
+        Path(args.output_dir)
+        if args.output_dir
+        else (ROOT / "work_dirs" / "simulate" / time.strftime("%Y%m%d-%H%M%S"))
     )
     if (out / "results.json").exists() and not args.overwrite:
         raise SystemExit(
@@ -97,7 +105,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from taskal.data import split_pool
     from taskal.registry import DATASETS, build, import_custom_modules
     from taskal.simulation import (
-        Simulation, SimulationConfig, format_table, plot_curves, summarize,
+        Simulation,
+        SimulationConfig,
+        format_table,
+        plot_curves,
+        summarize,
     )
 
     cfg = load_config(args)
@@ -115,12 +127,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     data = build(DATASETS, dict(cfg.dataset))
     pool, test = split_pool(data, cfg.get("test_fraction", 0.25), seed=0)
     sim = Simulation(sim_cfg, pool, test)
-    print(f"[simulate] {len(pool)} pool / {len(test)} test items; strategies: "
-          f"{[name for name, _ in sim.strategies]}; seeds {sim_cfg.seeds}; output {out}",
-          file=sys.stderr)
+    print(
+        f"[simulate] {len(pool)} pool / {len(test)} test items; strategies: "
+        f"{[name for name, _ in sim.strategies]}; seeds {sim_cfg.seeds}; output {out}",
+        file=sys.stderr,
+    )
     cfg.dump(str(out / "config.py"))
     started = time.perf_counter()
-    results = {"task": sim_cfg.task, "metric": "accuracy", "runs": sim.run()}
+    results: dict[str, Any] = {"task": sim_cfg.task, "metric": "accuracy", "runs": sim.run()}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     rows = summarize(results)
     table = format_table(rows, results["metric"])
@@ -131,8 +145,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         f"test items; {elapsed:.0f} s in all.\n\n{table}"
     )
     print(table)
-    print(f"[simulate] wrote {out}/results.json, learning_curve.png, summary.md "
-          f"({elapsed:.0f} s)", file=sys.stderr)
+    print(
+        f"[simulate] wrote {out}/results.json, learning_curve.png, summary.md ({elapsed:.0f} s)",
+        file=sys.stderr,
+    )
     return results
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 REDUCTIONS = ("max", "mean", "sum")
 
 
-def reduce_units(scores_U: Tensor, owner_U: Tensor, num_items: int, reduction: str = "max") -> Tensor:
+def reduce_units(
+    scores_U: Tensor, owner_U: Tensor, num_items: int, reduction: str = "max"
+) -> Tensor:
     """Aggregate ``scores_U`` into ``[num_items]`` by ``owner_U``.
 
     Items that own no unit (an image with no detected box) score 0.
@@ -26,8 +27,10 @@ def reduce_units(scores_U: Tensor, owner_U: Tensor, num_items: int, reduction: s
             f"scores {tuple(scores_U.shape)} and owner {tuple(owner_U.shape)} must match"
         )
     if owner_U.numel() and (int(owner_U.min()) < 0 or int(owner_U.max()) >= num_items):
-        raise ValueError(f"owner indices must lie in [0, {num_items}), got "
-                         f"[{int(owner_U.min())}, {int(owner_U.max())}]")
+        raise ValueError(
+            f"owner indices must lie in [0, {num_items}), got "
+            f"[{int(owner_U.min())}, {int(owner_U.max())}]"
+        )
     out = scores_U.new_zeros(num_items)
     if scores_U.numel() == 0:
         return out

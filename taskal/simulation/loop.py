@@ -64,9 +64,7 @@ class SimulationConfig:
 
     def __post_init__(self) -> None:
         if self.task not in SUPPORTED_TASKS:
-            raise ValueError(
-                f"simulation supports task {SUPPORTED_TASKS} today, got {self.task!r}"
-            )
+            raise ValueError(f"simulation supports task {SUPPORTED_TASKS} today, got {self.task!r}")
         for name in ("initial", "budget", "ensemble_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -60,11 +60,14 @@ def summarize(results: dict[str, Any], baseline: str = "random") -> list[dict[st
         int(s): aulc(list(curves[baseline]["labeled"]), list(m))
         for s, m in zip(curves[baseline]["seeds"], curves[baseline]["metric"], strict=True)
     }
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, c in curves.items():
         aulcs = np.asarray([aulc(list(c["labeled"]), list(m)) for m in c["metric"]])
-        paired = [a - base_aulcs[int(s)] for s, a in zip(c["seeds"], aulcs, strict=True)
-                  if int(s) in base_aulcs]
+        paired = [
+            a - base_aulcs[int(s)]
+            for s, a in zip(c["seeds"], aulcs, strict=True)
+            if int(s) in base_aulcs
+        ]
         rows.append(
             {
                 "strategy": name,

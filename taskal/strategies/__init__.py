@@ -7,8 +7,8 @@ from taskal.strategies.llal import LearningLoss
 from taskal.strategies.random import RandomSampling
 from taskal.strategies.uncertainty import (
     BALD,
-    Entropy,
     EnsembleKL,
+    Entropy,
     LeastConfidence,
     Margin,
     MeanSTD,

@@ -63,7 +63,9 @@ class TwoStage(QueryStrategy):
         return top_M[picks]
 
     def __repr__(self) -> str:
-        return f"TwoStage(first={self.first!r}, second={self.second!r}, M={self.candidates_factor}x)"
+        return (
+            f"TwoStage(first={self.first!r}, second={self.second!r}, M={self.candidates_factor}x)"
+        )
 
 
 QUERY_STRATEGIES.register_module(name="hybrid", module=TwoStage)

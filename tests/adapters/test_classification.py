@@ -32,7 +32,9 @@ class TestSmallCNN(AdapterConformance):
     def test_feature_layers_found(self) -> None:
         info = self.make_adapter().feature_info
         assert [(f.name, f.channels, f.stride) for f in info] == [
-            ("block1", 8, 1), ("block2", 16, 2), ("block3", 32, 4)
+            ("block1", 8, 1),
+            ("block2", 16, 2),
+            ("block3", 32, 4),
         ]
 
 
@@ -79,7 +81,9 @@ class TestUserModule(AdapterConformance):
     def make_adapter(self) -> ClassificationAdapter:
         torch.manual_seed(0)
         return ClassificationAdapter(
-            self.Net(), input_shape=(1, 8, 8), classifier="head",
+            self.Net(),
+            input_shape=(1, 8, 8),
+            classifier="head",
             feature_layers=["stem", "down", "deep"],
         )
 
@@ -95,7 +99,7 @@ def test_config_dict_builds_model() -> None:
 
 
 def test_bad_classifier_name() -> None:
-    with pytest.raises(ValueError, match="nn.Linear"):
+    with pytest.raises(ValueError, match=r"nn\.Linear"):
         ClassificationAdapter(SmallCNN(1, 3, width=4), input_shape=(1, 8, 8), classifier="block1")
 
 

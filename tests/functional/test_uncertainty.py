@@ -10,8 +10,14 @@ from hypothesis import strategies as st
 from taskal import functional as F
 
 ALL = [
-    F.least_confidence, F.margin, F.entropy, F.bald, F.variation_ratios, F.mean_std,
-    F.vote_entropy, F.mean_kl,
+    F.least_confidence,
+    F.margin,
+    F.entropy,
+    F.bald,
+    F.variation_ratios,
+    F.mean_std,
+    F.vote_entropy,
+    F.mean_kl,
 ]
 
 

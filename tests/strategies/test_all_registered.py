@@ -16,9 +16,22 @@ NAMES = registered_names()
 
 
 def test_expected_strategies_registered() -> None:
-    for name in ["random", "least_confidence", "margin", "entropy", "bald", "variation_ratios",
-                 "mean_std", "vote_entropy", "ensemble_kl", "llal", "coreset", "badge",
-                 "two_stage", "hybrid"]:
+    for name in [
+        "random",
+        "least_confidence",
+        "margin",
+        "entropy",
+        "bald",
+        "variation_ratios",
+        "mean_std",
+        "vote_entropy",
+        "ensemble_kl",
+        "llal",
+        "coreset",
+        "badge",
+        "two_stage",
+        "hybrid",
+    ]:
         assert name in NAMES
 
 
@@ -36,7 +49,7 @@ def test_budget_respected_unique_in_range(name: str, budget: int) -> None:
     picks = build(name).select(out, budget, torch.Generator().manual_seed(0))
     assert picks.dtype == torch.long and picks.shape == (budget,)
     assert len(set(picks.tolist())) == budget
-    assert 0 <= int(picks.min()) and int(picks.max()) < len(out)
+    assert int(picks.min()) >= 0 and int(picks.max()) < len(out)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -85,8 +98,12 @@ def test_unnormalised_probabilities_rejected(name: str) -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 30), budget=st.integers(1, 30), seed=st.integers(0, 10**6),
-       name=st.sampled_from(NAMES))
+@given(
+    n=st.integers(1, 30),
+    budget=st.integers(1, 30),
+    seed=st.integers(0, 10**6),
+    name=st.sampled_from(NAMES),
+)
 def test_any_pool_and_budget(n: int, budget: int, seed: int, name: str) -> None:
     budget = min(budget, n)
     out = make_outputs(n=n, seed=seed)

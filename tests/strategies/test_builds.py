@@ -12,7 +12,7 @@ from .template import make_outputs
 
 
 def test_unknown_strategy_lists_registered() -> None:
-    with pytest.raises(KeyError, match="Registered: .*entropy"):
+    with pytest.raises(KeyError, match=r"Registered: .*entropy"):
         build_strategy("entropyy")
 
 

@@ -11,8 +11,20 @@ al = dict(
         "llal",
         "coreset",
         "badge",
-        dict(type="two_stage", name="hybrid", first=dict(type="entropy"),
-             second=dict(type="coreset"), candidates_factor=5),
+        dict(
+            type="two_stage",
+            name="hybrid",
+            first=dict(type="entropy"),
+            second=dict(type="coreset"),
+            candidates_factor=5,
+        ),
+        dict(
+            type="two_stage",
+            name="llal+coreset",
+            first=dict(type="llal"),
+            second=dict(type="coreset"),
+            candidates_factor=5,
+        ),
     ],
     initial=20,  # initial random labeled set
     budget=20,  # labels bought per round

@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from taskal.data import load_digits, split_pool
+from taskal.simulation import Simulation, SimulationConfig, aulc, summarize
+
+FAST = {"epochs": 2, "min_epoch_items": 64}
+
+
+@pytest.fixture(scope="module")
+def data():  # type: ignore[no-untyped-def]
+    digits = load_digits()
+    pool, test = split_pool(digits.subset(digits.ids[:400]), 0.25)
+    return pool, test
+
+
+def _cfg(**kw) -> SimulationConfig:  # type: ignore[no-untyped-def]
+    base = dict(
+        strategies=["entropy"],
+        initial=10,
+        budget=10,
+        rounds=2,
+        seeds=[0],
+        model={"type": "SmallCNN", "width": 4},
+        train=FAST,
+        progress=False,
+        ensemble_size=2,
+    )
+    base.update(kw)
+    return SimulationConfig(**base)
+
+
+def test_runs_every_strategy_kind_and_adds_random(data) -> None:  # type: ignore[no-untyped-def]
+    pool, test = data
+    sim = Simulation(
+        _cfg(strategies=["bald", "vote_entropy", "llal", "badge", "hybrid"]), pool, test
+    )
+    runs = sim.run()
+    assert [r["strategy"] for r in runs] == [
+        "random",
+        "bald",
+        "vote_entropy",
+        "llal",
+        "badge",
+        "hybrid",
+    ]
+    for run in runs:
+        assert [p["labeled"] for p in run["curve"]] == [10, 20, 30]
+        assert all(0.0 <= p["metric"] <= 1.0 for p in run["curve"])
+        assert run["curve"][-1]["select_seconds"] == 0.0
+    # same seed: the same initial set and initial model for every non-LLAL strategy
+    first = {r["strategy"]: r["curve"][0]["metric"] for r in runs}
+    assert first["random"] == first["bald"] == first["badge"] == first["vote_entropy"]
+
+
+def test_seeds_reproduce(data) -> None:  # type: ignore[no-untyped-def]
+    pool, test = data
+    a = Simulation(_cfg(), pool, test).run()
+    b = Simulation(_cfg(), pool, test).run()
+    assert [[p["metric"] for p in r["curve"]] for r in a] == [
+        [p["metric"] for p in r["curve"]] for r in b
+    ]
+
+
+def test_initial_set_depends_on_seed(data) -> None:  # type: ignore[no-untyped-def]
+    pool, test = data
+    sim = Simulation(_cfg(seeds=[0, 1]), pool, test)
+    assert sim.initial_labeled(0) != sim.initial_labeled(1)
+    assert sim.initial_labeled(0) == sim.initial_labeled(0)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"rounds": 100}, "pool holds only"),
+        ({"strategies": ["nope"]}, "unknown query strategy 'nope'"),
+        ({"task": "det"}, "supports task"),
+        ({"budget": 0}, "budget must be a positive integer"),
+        ({"seeds": []}, "seeds"),
+        ({"strategies": ["entropy", {"type": "entropy"}]}, "unique"),
+    ],
+)
+def test_bad_settings(data, kw, match) -> None:  # type: ignore[no-untyped-def]
+    pool, test = data
+    with pytest.raises((ValueError, KeyError), match=match):
+        Simulation(_cfg(**kw), pool, test)
+
+
+def test_aulc_and_summary() -> None:
+    assert aulc([0, 10], [0.0, 1.0]) == pytest.approx(0.5)
+    assert aulc([0, 10, 20], [0.5, 0.5, 0.5]) == pytest.approx(0.5)
+
+    def run(name: str, seed: int, metrics: list[float]) -> dict:  # type: ignore[type-arg]
+        return {
+            "strategy": name,
+            "seed": seed,
+            "curve": [
+                {"labeled": 10 * (i + 1), "metric": m, "select_seconds": 0.1, "train_seconds": 1.0}
+                for i, m in enumerate(metrics)
+            ],
+        }
+
+    results = {
+        "task": "cls",
+        "metric": "accuracy",
+        "runs": [
+            run("random", 0, [0.5, 0.6, 0.7]),
+            run("random", 1, [0.5, 0.6, 0.7]),
+            run("good", 0, [0.5, 0.7, 0.8]),
+            run("good", 1, [0.5, 0.7, 0.8]),
+        ],
+    }
+    rows = {r["strategy"]: r for r in summarize(results)}
+    assert rows["good"]["labels_to_baseline_final"] == 20
+    assert rows["random"]["labels_to_baseline_final"] == 30
+    assert rows["good"]["aulc_delta"] == pytest.approx(0.075)
+    assert rows["good"]["aulc_delta_wins"] == 2
+    del results["runs"][:2]
+    with pytest.raises(ValueError, match="no 'random' runs"):
+        summarize(results)
+
+
+def test_llal_attaches_predictor(data) -> None:  # type: ignore[no-untyped-def]
+    pool, test = data
+    sim = Simulation(_cfg(strategies=["llal"]), pool, test)
+    adapter = sim.train(sim.strategies[1][1], pool.ids[:10], seed=0, r=0)
+    assert adapter.loss_predictor is not None
+    loss = adapter.predict_loss(pool.take(pool.ids[:4]))
+    assert loss.shape == (4,) and torch.isfinite(loss).all()

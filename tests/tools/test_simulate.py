@@ -1,0 +1,93 @@
+"""tools/simulate.py end to end on digits and on a real image folder."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from mmengine.config import Config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+spec = importlib.util.spec_from_file_location("simulate", ROOT / "tools" / "simulate.py")
+assert spec and spec.loader
+simulate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(simulate)
+
+FAST = ["--cfg-options", "train.epochs=1", "train.min_epoch_items=32", "model.width=4"]
+
+
+def _run(args: list[str]) -> dict:  # type: ignore[type-arg]
+    return simulate.main(simulate.get_args_parser().parse_args(args))
+
+
+def test_digits_writes_results_plot_summary_config(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _run(
+        [
+            "--strategies",
+            "entropy",
+            "--initial",
+            "10",
+            "--budget",
+            "10",
+            "--rounds",
+            "1",
+            "--num-seeds",
+            "2",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+            *FAST,
+        ]
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "cls" and results["metric"] == "accuracy"
+    assert [(r["strategy"], r["seed"]) for r in results["runs"]] == [
+        ("random", 0),
+        ("entropy", 0),
+        ("random", 1),
+        ("entropy", 1),
+    ]
+    point = results["runs"][0]["curve"][0]
+    assert set(point) == {"labeled", "metric", "select_seconds", "train_seconds"}
+    assert (out / "learning_curve.png").stat().st_size > 10_000
+    summary = (out / "summary.md").read_text()
+    assert "| entropy |" in summary and "labels to reach random's final" in summary
+    resolved = Config.fromfile(str(out / "config.py"))
+    assert resolved.train.epochs == 1 and resolved.al.budget == 10 and resolved.al.initial == 10
+
+    with pytest.raises(SystemExit, match="already exists"):
+        _run(["--output-dir", str(out), "--no-progress"])
+    assert json.loads((out / "results.json").read_text()) == results
+
+
+def test_image_folder_dataset(tmp_path: Path, image_folder) -> None:  # type: ignore[no-untyped-def]
+    image_folder(tmp_path / "imgs", per_class=10)
+    out = tmp_path / "run"
+    _run(
+        [
+            "--dataset",
+            str(tmp_path / "imgs"),
+            "--image-size",
+            "8",
+            "--strategies",
+            "margin",
+            "--initial",
+            "4",
+            "--budget",
+            "2",
+            "--rounds",
+            "1",
+            "--num-seeds",
+            "1",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+            *FAST,
+        ]
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert [p["labeled"] for p in results["runs"][0]["curve"]] == [4, 6]
