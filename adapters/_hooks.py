@@ -47,7 +47,8 @@ def mc_dropout(
 ) -> Iterator[None]:
     """Turn dropout on at test time only; BatchNorm and the rest stay in eval mode.
 
-    Every dropout module is switched to train mode. When the model has none, dropout with
+    Every dropout module with ``p > 0`` is switched to train mode. When the model has none
+    (torchvision's ViT and Swin hold ``Dropout(p=0)``), dropout with
     probability ``p`` is injected on the input of ``inject_at`` (the classifier) through a
     forward pre-hook, with a warning, as in baal's ``patch_module``. Everything is restored
     on exit.
@@ -56,16 +57,16 @@ def mc_dropout(
     handle = None
     try:
         model.eval()
-        dropouts = [m for m in model.modules() if isinstance(m, _DROPOUT)]
+        dropouts = [m for m in model.modules() if isinstance(m, _DROPOUT) and m.p > 0]
         for m in dropouts:
             m.train()
         if not dropouts:
             if inject_at is None:
                 raise ValueError("the model has no dropout module and no layer to inject it at")
             warnings.warn(
-                f"{type(model).__name__} has no dropout layer: injecting dropout(p={p}) on the "
-                "classifier input for MC sampling. Train with dropout there for calibrated "
-                "samples.",
+                f"{type(model).__name__} has no dropout layer with p > 0: injecting "
+                f"dropout(p={p}) on the classifier input for MC sampling. Train with dropout "
+                "there for calibrated samples.",
                 stacklevel=3,
             )
 
@@ -93,7 +94,13 @@ def probe_feature_shapes(
     try:
         model.eval()
         with torch.no_grad(), capture_outputs(model, names) as store:
-            model(torch.zeros(1, *input_shape, device=device))
+            try:
+                model(torch.zeros(1, *input_shape, device=device))
+            except RuntimeError as err:
+                raise ValueError(
+                    f"a zero input of input_shape={tuple(input_shape)} does not fit "
+                    f"{type(model).__name__} ({err}); pass the (C, H, W) of one real input"
+                ) from err
         return {n: out.shape for n, out in store.items()}  # completion order
     finally:
         for m, mode in modes.items():

@@ -9,7 +9,7 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="${TASKAL_VENV:-$root/.venv}"
-cache="${TASKAL_CACHE:-$HOME/.cache/taskal}"
+cache="${TASKAL_CACHE:-${HOME:-/tmp}/.cache/taskal}"
 python_bin="${PYTHON:-python3}"
 
 TORCH=2.14.1
@@ -27,6 +27,15 @@ if [[ -x "$venv/bin/python" && -f "$stamp_file" && "$(cat "$stamp_file")" == "$s
 fi
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
+die() { printf '[bootstrap] error: %s\n' "$*" >&2; exit 1; }
+
+# Preflight: fail early, naming what to install, rather than deep inside a build.
+command -v "$python_bin" >/dev/null || die "$python_bin not found; install Python 3.11 (or set PYTHON=...)"
+"$python_bin" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' ||
+  die "Python 3.11 is needed (torch 2.14.1 wheels on this disk are cp311); set PYTHON=python3.11"
+"$python_bin" -c 'import venv, ensurepip' 2>/dev/null ||
+  die "the venv module is missing; apt-get install python3-venv"
+command -v g++ >/dev/null || die "g++ not found (mmcv's ops are compiled); apt-get install g++"
 
 if [[ ! -x "$venv/bin/python" ]]; then
   log "creating virtual environment in $venv"
@@ -39,13 +48,16 @@ log "torch $TORCH + torchvision $TORCHVISION"
 "${pip[@]}" install "torch==$TORCH" "torchvision==$TORCHVISION"
 
 log "mmengine and the scientific stack"
-"${pip[@]}" install "mmengine==$MMENGINE" "numpy>=1.26" scikit-learn scikit-image matplotlib \
+"${pip[@]}" install "mmengine==$MMENGINE" "numpy>=2" scikit-learn scikit-image matplotlib \
   pycocotools ftfy regex tqdm scipy shapely terminaltables prettytable \
   pytest hypothesis ruff mypy
 
 pyver=$("$venv/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 arch=$(uname -m)
-wheel_dir="$cache/wheels/mmcv-$MMCV-torch$TORCH-$pyver-$arch"
+# CPU ops by default (CI has no GPU); TASKAL_MMCV_CUDA=1 builds the CUDA ops too (needs nvcc).
+flavour=cpu
+[[ "${TASKAL_MMCV_CUDA:-0}" == 1 ]] && flavour=cuda
+wheel_dir="$cache/wheels/mmcv-$MMCV-torch$TORCH-$pyver-$arch-$flavour"
 if ! ls "$wheel_dir"/mmcv-*.whl >/dev/null 2>&1; then
   log "building mmcv $MMCV with ops from source (first time on this machine: ~12 min on 2 cores)"
   build=$(mktemp -d)
@@ -56,7 +68,12 @@ if ! ls "$wheel_dir"/mmcv-*.whl >/dev/null 2>&1; then
   # torch >= 2.13 headers need C++20; mmcv 2.1.0's setup.py asks for C++17.
   sed -i 's/-std=c++17/-std=c++20/g' "$src/setup.py"
   mkdir -p "$wheel_dir.partial"
-  MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+  if [[ $flavour == cpu ]]; then
+    build_env=(CUDA_VISIBLE_DEVICES= FORCE_CUDA=0)
+  else
+    build_env=(FORCE_CUDA=1)
+  fi
+  env "${build_env[@]}" MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
     "${pip[@]}" wheel --no-build-isolation --no-deps -w "$wheel_dir.partial" "$src"
   rm -rf "$wheel_dir" && mv "$wheel_dir.partial" "$wheel_dir"
 fi

@@ -65,6 +65,8 @@ class Selector:
     ) -> list[ItemId]:
         """Return ``budget`` unique ids from ``source`` that are not in ``labeled``.
 
+        ``generator`` decides everything random: MC-dropout masks and the strategy's draws.
+
         Raises:
             ValueError: for an empty unlabeled pool, a budget larger than the pool, or a
                 strategy that returns invalid positions.
@@ -76,9 +78,15 @@ class Selector:
             raise KeyError(f"{len(unknown)} labeled ids are not in the pool, e.g. {examples}")
         candidates = [i for i in source.ids if i not in labeled_set]
         check_budget(budget, len(candidates))
-        outputs = self.gather(
-            adapter, source, candidates, [i for i in source.ids if i in labeled_set]
-        )
+        labeled_ids = [i for i in source.ids if i in labeled_set]
+        # MC-dropout masks come from torch's global RNG: seed it from the generator inside a
+        # forked RNG state, so the same generator gives the same picks and callers' global
+        # state is untouched.
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            outputs = self.gather(adapter, source, candidates, labeled_ids)
         positions = self.strategy.select(outputs, budget, generator)
         return self._check_positions(positions, len(candidates), budget, candidates)
 

@@ -32,6 +32,16 @@ class TrainConfig:
     weight_decay: float = 5e-4
     min_epoch_items: int = 256
 
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ValueError(f"train.batch_size must be >= 2 (BatchNorm), got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.min_epoch_items < 0:
+            raise ValueError(f"train.min_epoch_items must be >= 0, got {self.min_epoch_items}")
+
 
 @dataclass
 class LLALConfig:

@@ -106,7 +106,11 @@ class PoolOutputs:
         return len(self.ids)
 
     def subset(self, positions_M: Tensor) -> PoolOutputs:
-        """The outputs of candidates ``positions_M`` only, owners re-indexed to ``[0, M)``."""
+        """The outputs of candidates ``positions_M`` only, in that order.
+
+        Owners are re-indexed to ``[0, M)`` and units sorted by their new owner, so
+        image-level predictions stay one unit per item in item order.
+        """
         positions_M = positions_M.long().cpu()
         ids = [self.ids[int(i)] for i in positions_M]
         predictions = None
@@ -115,11 +119,13 @@ class PoolOutputs:
             remap = torch.full((len(self.ids),), -1, dtype=torch.long)
             remap[positions_M] = torch.arange(len(positions_M))
             new_owner = remap[p.owner_U.cpu()]
-            keep = new_owner >= 0
+            kept = torch.nonzero(new_owner >= 0)[:, 0]
+            # units follow the order of positions_M (stable within an item)
+            kept = kept[torch.sort(new_owner[kept], stable=True).indices]
             predictions = Predictions(
-                p.probs_UCK[keep.to(p.probs_UCK.device)],
-                new_owner[keep].to(p.owner_U.device),
-                None if p.boxes_U4 is None else p.boxes_U4[keep.to(p.boxes_U4.device)],
+                p.probs_UCK[kept.to(p.probs_UCK.device)],
+                new_owner[kept].to(p.owner_U.device),
+                None if p.boxes_U4 is None else p.boxes_U4[kept.to(p.boxes_U4.device)],
             )
 
         def take(t: Tensor | None) -> Tensor | None:

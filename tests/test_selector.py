@@ -52,13 +52,26 @@ def test_never_returns_labeled_or_duplicates(name: str, pool: TensorPool) -> Non
 
 @pytest.mark.parametrize("name", registered_names())
 def test_same_seed_same_ids(name: str, pool: TensorPool) -> None:
-    runs = [
-        Selector(name, progress=False).select(
-            _adapter_for(name), pool, pool.ids[:5], 6, torch.Generator().manual_seed(4)
+    """The generator alone decides: the global RNG state (MC-dropout masks) does not."""
+    adapter = _adapter_for(name)
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(
+            Selector(name, progress=False).select(
+                adapter, pool, pool.ids[:5], 6, torch.Generator().manual_seed(4)
+            )
         )
-        for _ in range(2)
-    ]
     assert runs[0] == runs[1]
+
+
+def test_selection_leaves_global_rng_alone(pool: TensorPool) -> None:
+    adapter = _adapter()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    Selector("bald", progress=False).select(adapter, pool, [], 3, torch.Generator())
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_budget_larger_than_pool(pool: TensorPool) -> None:

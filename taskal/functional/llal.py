@@ -31,5 +31,6 @@ def loss_ranking_loss(pred_B: Tensor, target_B: Tensor, margin: float = 1.0) -> 
     target_B = target_B.detach()
     pred_i, pred_j = pred_B[:half], pred_B.flip(0)[:half]
     tgt_i, tgt_j = target_B[:half], target_B.flip(0)[:half]
-    sign = (tgt_i - tgt_j).sign()
+    # as the reference code: +1 where l_i > l_j, else -1 (ties count as -1)
+    sign = 2.0 * (tgt_i > tgt_j).to(pred_B.dtype) - 1.0
     return (-sign * (pred_i - pred_j) + margin).clamp_min(0.0).mean()

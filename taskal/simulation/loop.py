@@ -83,6 +83,8 @@ def strategy_label(cfg: Any) -> str:
     """The name a strategy config is reported under."""
     if isinstance(cfg, str):
         return cfg
+    if not isinstance(cfg, dict) or "type" not in cfg:
+        raise TypeError(f"a strategy must be a name or a dict with a 'type' key, got {cfg!r}")
     return str(cfg.get("name", cfg["type"]))
 
 

@@ -123,8 +123,8 @@ def plot_curves(results: dict[str, Any], path: Path, baseline: str = "random") -
     for name, c in curves.items():
         mean, std = c["metric"].mean(0), c["metric"].std(0)
         style = {"linestyle": "--", "color": "black", "linewidth": 2} if name == baseline else {}
-        ax.plot(c["labeled"], mean, marker="o", markersize=3, label=name, **style)
-        ax.fill_between(c["labeled"], mean - std, mean + std, alpha=0.12, color=style.get("color"))
+        (line,) = ax.plot(c["labeled"], mean, marker="o", markersize=3, label=name, **style)
+        ax.fill_between(c["labeled"], mean - std, mean + std, alpha=0.1, color=line.get_color())
     n_seeds = max(len(c["seeds"]) for c in curves.values())
     ax.set_xlabel("labeled items")
     ax.set_ylabel(results["metric"])

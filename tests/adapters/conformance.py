@@ -97,6 +97,17 @@ class AdapterConformance:
             adapter.features(bad)
         assert _hook_counts(adapter.model) == hooks
 
+    def test_every_call_restores_train_mode(self) -> None:
+        adapter, batch = self.make_adapter(), self.make_batch()
+        adapter.model.train()
+        before = _modes(adapter.model)
+        adapter.predict(batch)
+        adapter.predict(batch, n_samples=2)
+        adapter.features(batch)
+        adapter.embed(batch)
+        adapter.per_sample_loss(batch)
+        assert _modes(adapter.model) == before
+
     def test_embed_and_loss(self) -> None:
         adapter, batch = self.make_adapter(), self.make_batch()
         emb = adapter.embed(batch)

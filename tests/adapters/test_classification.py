@@ -98,6 +98,19 @@ def test_config_dict_builds_model() -> None:
     assert adapter.num_classes == 4
 
 
+def test_input_shape_that_does_not_fit() -> None:
+    with pytest.raises(ValueError, match=r"input_shape=\(3, 8, 8\) does not fit"):
+        ClassificationAdapter(SmallCNN(1, 3, width=4), input_shape=(3, 8, 8))
+
+
+def test_zero_probability_dropout_is_not_mc_dropout() -> None:
+    model = SmallCNN(1, 3, width=4, dropout=0.0)
+    adapter = ClassificationAdapter(model, input_shape=(1, 8, 8))
+    with pytest.warns(UserWarning, match="no dropout layer with p > 0"):
+        probs = adapter.predict(_batch(), n_samples=3).probs_UCK
+    assert not torch.allclose(probs[..., 0], probs[..., 1])
+
+
 def test_bad_classifier_name() -> None:
     with pytest.raises(ValueError, match=r"nn\.Linear"):
         ClassificationAdapter(SmallCNN(1, 3, width=4), input_shape=(1, 8, 8), classifier="block1")

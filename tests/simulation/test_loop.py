@@ -129,3 +129,18 @@ def test_llal_attaches_predictor(data) -> None:  # type: ignore[no-untyped-def]
     assert adapter.loss_predictor is not None
     loss = adapter.predict_loss(pool.take(pool.ids[:4]))
     assert loss.shape == (4,) and torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize(
+    "train, match",
+    [({"batch_size": 1}, "batch_size"), ({"epochs": 0}, "epochs"), ({"lr": 0}, "lr")],
+)
+def test_bad_training_settings(train, match) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=match):
+        _cfg(train=train)
+
+
+def test_strategy_dict_without_type(data) -> None:  # type: ignore[no-untyped-def]
+    pool, test = data
+    with pytest.raises(TypeError, match="'type' key"):
+        Simulation(_cfg(strategies=[{"name": "x"}]), pool, test)
