@@ -1,4 +1,4 @@
-adapter = dict(type="classification")
+adapter = dict(type='classification')
 al = dict(
     budget=20,
     ensemble_size=5,
@@ -13,32 +13,34 @@ al = dict(
         4,
     ],
     strategies=[
-        "random",
-        "entropy",
-        dict(n_samples=20, type="bald"),
-        dict(name="ensemble", type="ensemble_kl"),
-        "llal",
-        "coreset",
-        "badge",
+        'random',
+        'entropy',
+        dict(n_samples=20, type='bald'),
+        dict(name='ensemble', type='ensemble_kl'),
+        'llal',
+        'coreset',
+        'badge',
         dict(
             candidates_factor=5,
-            first=dict(type="entropy"),
-            name="hybrid",
-            second=dict(type="coreset"),
-            type="two_stage",
-        ),
+            first=dict(type='entropy'),
+            name='hybrid',
+            second=dict(type='coreset'),
+            type='two_stage'),
         dict(
             candidates_factor=5,
-            first=dict(type="llal"),
-            name="llal+coreset",
-            second=dict(type="coreset"),
-            type="two_stage",
-        ),
-    ],
-)
-dataset = dict(type="digits")
-device = "cpu"
-model = dict(dropout=0.25, type="SmallCNN", width=16)
-task = "cls"
+            first=dict(type='llal'),
+            name='llal+coreset',
+            second=dict(type='coreset'),
+            type='two_stage'),
+    ])
+dataset = dict(type='digits')
+device = 'cpu'
+model = dict(dropout=0.25, type='SmallCNN', width=16)
+task = 'cls'
 test_fraction = 0.25
-train = dict(batch_size=32, epochs=15, lr=0.001, min_epoch_items=256, weight_decay=0.0005)
+train = dict(
+    batch_size=32,
+    epochs=15,
+    lr=0.001,
+    min_epoch_items=256,
+    weight_decay=0.0005)
