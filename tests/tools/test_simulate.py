@@ -91,3 +91,17 @@ def test_image_folder_dataset(tmp_path: Path, image_folder) -> None:  # type: ig
     )
     results = json.loads((out / "results.json").read_text())
     assert [p["labeled"] for p in results["runs"][0]["curve"]] == [4, 6]
+
+
+def test_pick_diagnostics_reports_classes_and_llal_rank() -> None:
+    spec = importlib.util.spec_from_file_location("diag", ROOT / "tools" / "pick_diagnostics.py")
+    assert spec and spec.loader
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    report = diag.main(
+        diag.get_args_parser().parse_args(
+            ["--strategies", "llal", "--labeled", "20", "--budget", "5"]
+        )
+    )
+    assert sum(report["llal"]["class_counts"]) == 5 and sum(report["random"]["class_counts"]) == 5
+    assert -1.0 <= report["llal"]["spearman"] <= 1.0
