@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from taskal.registry import MODELS
+from taskal.registry import MODELS, build
 
 
 @MODELS.register_module(name="torchvision")
@@ -96,8 +96,6 @@ class SmallCNN(nn.Module):
 
 def build_model(cfg: dict[str, Any]) -> nn.Module:
     """Build a model config from :data:`MODELS`."""
-    from taskal.registry import build
-
     model = build(MODELS, cfg)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model config {cfg!r} built a {type(model).__name__}, not an nn.Module")

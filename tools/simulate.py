@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mmengine.config import DictAction
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "cls" / "digits_smallcnn.py"
 
@@ -39,8 +41,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cfg-options",
         nargs="+",
-        default=[],
+        default={},
         metavar="KEY=VALUE",
+        action=DictAction,
         help="override config entries, e.g. al.budget=40 train.epochs=10",
     )
     return p
@@ -51,7 +54,7 @@ def load_config(args: argparse.Namespace) -> Any:
 
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
-        cfg.merge_from_dict(_parse_options(args.cfg_options))
+        cfg.merge_from_dict(args.cfg_options)
     al = cfg.al
     for key in ("strategies", "initial", "budget", "rounds", "seeds"):
         if getattr(args, key) is not None:
@@ -70,20 +73,10 @@ def load_config(args: argparse.Namespace) -> Any:
                 "image_size": cfg.dataset.get("image_size", 32),
             }
     if args.image_size is not None:
+        if cfg.dataset.get("type") != "image_folder":
+            raise SystemExit("--image-size applies to an image folder (--dataset PATH) only")
         cfg.dataset["image_size"] = args.image_size
     return cfg
-
-
-def _parse_options(options: list[str]) -> dict[str, Any]:
-    from mmengine.config import DictAction
-
-    parsed: dict[str, Any] = {}
-    for opt in options:
-        if "=" not in opt:
-            raise SystemExit(f"--cfg-options expects KEY=VALUE, got {opt!r}")
-        key, value = opt.split("=", 1)
-        parsed[key] = DictAction._parse_iterable(value)
-    return parsed
 
 
 def prepare_output(args: argparse.Namespace) -> Path:

@@ -105,3 +105,8 @@ def test_pick_diagnostics_reports_classes_and_llal_rank() -> None:
     )
     assert sum(report["llal"]["class_counts"]) == 5 and sum(report["random"]["class_counts"]) == 5
     assert -1.0 <= report["llal"]["spearman"] <= 1.0
+
+
+def test_image_size_needs_an_image_folder(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="image folder"):
+        _run(["--image-size", "16", "--output-dir", str(tmp_path / "x"), "--no-progress"])
