@@ -1,107 +1,205 @@
-"""Helpers shared by adapters: forward-hook feature capture and test-time MC dropout."""
+"""Helpers shared by adapters: forward-hook feature capture and MC dropout."""
 
 from __future__ import annotations
 
 import contextlib
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.hooks import RemovableHandle
+
+from taskal.types import FeatureMap, as_levels
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
-@contextlib.contextmanager
-def capture_outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
-    """Record the outputs of ``model``'s named submodules during forwards inside the block.
+class CapturedFeatures(Mapping[str, FeatureMap]):
+    """Read-only ``{layer: map}`` that forward hooks fill while a capture is open.
 
-    The hooks are always removed on exit (``try/finally``).
+    Every call of a hooked module appends its output as one level, and a module returning a
+    tuple, list or dict of tensors (an FPN) adds each tensor as a level. A layer with exactly
+    one level maps to that ``Tensor``, otherwise to the tuple of its levels in call order.
+    Only layers that were called are keys, in the order of their first call.
     """
+
+    def __init__(self) -> None:
+        self._levels: dict[str, list[Tensor]] = {}
+
+    def __getitem__(self, name: str) -> FeatureMap:
+        levels = self._levels[name]
+        return levels[0] if len(levels) == 1 else tuple(levels)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._levels)
+
+    def __len__(self) -> int:
+        return len(self._levels)
+
+    def clear(self) -> None:
+        """Forget everything recorded so far (to reuse an open capture for another forward)."""
+        self._levels.clear()
+
+    def _record(self, name: str, levels: list[Tensor]) -> None:
+        self._levels.setdefault(name, []).extend(levels)
+
+
+def output_levels(out: object) -> list[Tensor]:
+    """The tensors of a module output: itself, or the tensor items of a tuple/list/dict."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for t in out if isinstance(t, Tensor)]
+    return []
+
+
+@contextlib.contextmanager
+def capture_outputs(
+    model: nn.Module,
+    layers: Sequence[str] | Mapping[str, str],
+    transforms: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
+    skip_non_tensors: bool = False,
+) -> Iterator[CapturedFeatures]:
+    """Record the outputs of ``model``'s submodules during the forwards inside the block.
+
+    Args:
+        model: the model whose submodules are hooked.
+        layers: module names, or ``{key: module name}`` to record under other keys.
+        transforms: per key, a function applied to every level as it is recorded (e.g. a
+            permute from ``[B, H, W, C]`` to ``[B, C, H, W]``).
+        skip_non_tensors: ignore outputs that hold no tensor instead of raising a
+            ``TypeError`` from inside the forward (for probing many candidate layers).
+
+    Yields:
+        a :class:`CapturedFeatures`. Captured tensors keep their autograd graph. The hooks are
+        always removed on exit (``try/finally``), also when the forward raises.
+    """
+    spec = dict(layers) if isinstance(layers, Mapping) else {n: n for n in layers}
     modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
+    missing = [m for m in spec.values() if m not in modules]
     if missing:
         raise KeyError(f"no submodule named {missing} in {type(model).__name__}")
-    store: dict[str, Tensor] = {}
-    handles = []
+    transforms = transforms or {}
+    store = CapturedFeatures()
+    handles: list[RemovableHandle] = []
     try:
-        for name in names:
+        for key, module_name in spec.items():
 
-            def hook(_m: nn.Module, _inp: object, out: object, name: str = name) -> None:
-                if isinstance(out, (tuple, list)):
-                    out = out[0]
-                assert isinstance(out, Tensor)
-                store[name] = out
+            def hook(_m: nn.Module, _inp: object, out: object, key: str = key) -> None:
+                levels = output_levels(out)
+                if not levels and skip_non_tensors:
+                    return
+                if not levels:
+                    raise TypeError(
+                        f"layer {key!r} returned a {type(out).__name__} holding no tensor; "
+                        "expose a layer that outputs a tensor or a tuple/list/dict of tensors"
+                    )
+                fn = transforms.get(key)
+                store._record(key, [fn(t) for t in levels] if fn else levels)
 
-            handles.append(modules[name].register_forward_hook(hook))
+            handles.append(modules[module_name].register_forward_hook(hook))
         yield store
     finally:
         for h in handles:
             h.remove()
 
 
+class InjectedDropout:
+    """Forward pre-hook: dropout on a module's first input while that module is training.
+
+    Registered once and kept (baal's ``patch_module`` also patches before training), so the
+    model trains with the dropout that MC sampling later switches on. A class rather than a
+    closure so that a hooked model still pickles and deep-copies.
+    """
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return (F.dropout(args[0], p=self.p, training=module.training), *args[1:])
+
+
+def inject_dropout(module: nn.Module, p: float) -> RemovableHandle:
+    """Add :class:`InjectedDropout` on ``module``'s input; returns the hook's handle."""
+    return module.register_forward_pre_hook(InjectedDropout(p))
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Whether ``model`` holds a dropout module with ``p > 0`` or an injected dropout."""
+    for m in model.modules():
+        if isinstance(m, _DROPOUT) and m.p > 0:
+            return True
+        if any(isinstance(h, InjectedDropout) for h in m._forward_pre_hooks.values()):
+            return True
+    return False
+
+
 @contextlib.contextmanager
-def mc_dropout(
-    model: nn.Module, inject_at: nn.Module | None = None, p: float = 0.5
-) -> Iterator[None]:
+def mc_dropout(model: nn.Module) -> Iterator[None]:
     """Turn dropout on at test time only; BatchNorm and the rest stay in eval mode.
 
-    Every dropout module with ``p > 0`` is switched to train mode. When the model has none
-    (torchvision's ViT and Swin hold ``Dropout(p=0)``), dropout with
-    probability ``p`` is injected on the input of ``inject_at`` (the classifier) through a
-    forward pre-hook, with a warning, as in baal's ``patch_module``. Everything is restored
-    on exit.
+    Every dropout module with ``p > 0``, and every module carrying an
+    :class:`InjectedDropout`, is switched to train mode; all modes are restored on exit.
+
+    Raises:
+        ValueError: when the model has no dropout at all (nothing would be sampled).
     """
     modes = {m: m.training for m in model.modules()}
-    handle = None
     try:
         model.eval()
-        dropouts = [m for m in model.modules() if isinstance(m, _DROPOUT) and m.p > 0]
-        for m in dropouts:
-            m.train()
-        if not dropouts:
-            if inject_at is None:
-                raise ValueError("the model has no dropout module and no layer to inject it at")
-            warnings.warn(
-                f"{type(model).__name__} has no dropout layer with p > 0: injecting "
-                f"dropout(p={p}) on the classifier input for MC sampling. Train with dropout "
-                "there for calibrated samples.",
-                stacklevel=3,
+        active = [
+            m
+            for m in model.modules()
+            if (isinstance(m, _DROPOUT) and m.p > 0)
+            or any(isinstance(h, InjectedDropout) for h in m._forward_pre_hooks.values())
+        ]
+        if not active:
+            raise ValueError(
+                f"{type(model).__name__} has no dropout with p > 0, so MC-dropout samples "
+                "would all be equal; add dropout to the model or inject it (inject_dropout)"
             )
-
-            def pre_hook(_m: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-                return (F.dropout(args[0], p=p, training=True), *args[1:])
-
-            handle = inject_at.register_forward_pre_hook(pre_hook)
+        for m in active:
+            m.train()
         yield
     finally:
-        if handle is not None:
-            handle.remove()
         for module, mode in modes.items():
             module.train(mode)
 
 
-def probe_feature_shapes(
-    model: nn.Module, names: Sequence[str], input_shape: Sequence[int]
-) -> dict[str, torch.Size]:
-    """Output shapes of named layers for one zero input ``[1, *input_shape]`` in eval mode.
-
-    Used once at construction so ``feature_info`` is known before any forward on data.
-    """
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` inside the block; every module's mode is restored on exit."""
     modes = {m: m.training for m in model.modules()}
-    device = next(model.parameters()).device
     try:
         model.eval()
-        with torch.no_grad(), capture_outputs(model, names) as store:
-            try:
-                model(torch.zeros(1, *input_shape, device=device))
-            except RuntimeError as err:
-                raise ValueError(
-                    f"a zero input of input_shape={tuple(input_shape)} does not fit "
-                    f"{type(model).__name__} ({err}); pass the (C, H, W) of one real input"
-                ) from err
-        return {n: out.shape for n, out in store.items()}  # completion order
+        yield
     finally:
         for m, mode in modes.items():
             m.train(mode)
+
+
+def probe_feature_shapes(
+    model: nn.Module, names: Sequence[str], input_shape: Sequence[int]
+) -> dict[str, tuple[torch.Size, ...]]:
+    """Output shapes (one per level) of named layers for a zero input ``[1, *input_shape]``.
+
+    Runs in eval mode without gradients; used at construction so ``feature_info`` is known
+    before any forward on data. Layers come in the order of their first call.
+
+    Raises:
+        ValueError: when the model does not accept an input of that shape.
+    """
+    device = next(model.parameters()).device
+    capture = capture_outputs(model, names, skip_non_tensors=True)
+    with torch.no_grad(), eval_mode(model), capture as store:
+        try:
+            model(torch.zeros(1, *input_shape, device=device))
+        except (RuntimeError, AssertionError, ValueError) as err:  # ViT asserts its size
+            raise ValueError(
+                f"a zero input of input_shape={tuple(input_shape)} does not fit "
+                f"{type(model).__name__} ({err}); pass the (C, H, W) of one real input"
+            ) from err
+    return {n: tuple(t.shape for t in as_levels(store[n])) for n in store}

@@ -1,21 +1,43 @@
 """The classification adapter: torchvision classifiers and user ``nn.Module`` s.
 
-A unit is an image: ``probs_UCK`` is ``[B, C, K]`` and ``owner_U`` is ``arange(B)``.
+A unit is an image: ``probs_UCK`` is ``[B, C, K]`` (softmax), ``owner_U`` is ``arange(B)``
+and ``unit_U`` is zero.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from taskal.adapters._hooks import capture_outputs, mc_dropout, probe_feature_shapes
+from taskal.adapters._hooks import (
+    CapturedFeatures,
+    capture_outputs,
+    eval_mode,
+    has_dropout,
+    inject_dropout,
+    mc_dropout,
+    probe_feature_shapes,
+)
 from taskal.registry import ADAPTERS
-from taskal.types import Adapter, Batch, FeatureInfo, Predictions
+from taskal.types import (
+    Adapter,
+    Batch,
+    FeatureInfo,
+    FeatureMap,
+    Predictions,
+    Units,
+    as_levels,
+    check_unit_alignment,
+)
+
+#: layouts of a 4-D feature layer: channels first (convolutions) or channels last (Swin).
+NCHW, NHWC = "NCHW", "NHWC"
 
 
 @ADAPTERS.register_module(name="classification")
@@ -25,18 +47,25 @@ class ClassificationAdapter(Adapter):
     Args:
         model: the classifier, or a :data:`taskal.registry.MODELS` config such as
             ``dict(type="torchvision", name="resnet18", num_classes=10)``.
-        input_shape: ``(C, H, W)`` of one input; used once to learn the feature layers'
-            channels and strides before any forward on data.
+        input_shape: ``(C, H, W)`` of one input. At construction the model runs on zeros of
+            this shape and of a larger one to learn the feature layers' channels, strides and
+            layout (channels-last layers such as Swin's are permuted to ``[B, C, H, W]``).
         classifier: name of the final linear layer (default: the last ``nn.Linear``). Its
-            input is the embedding; MC dropout is injected there if the model has none.
-        feature_layers: layers exposed by :meth:`features`, shallow to deep (default: the
-            shallowest module at each stride among the top two levels that contain a
-            convolution, e.g. ``conv1, layer1..layer4`` for a ResNet).
-        dropout_p: probability of injected MC dropout (only when the model has none).
+            input is the embedding.
+        feature_layers: layers exposed by :meth:`features`, shallow to deep (default: at each
+            stride the shallowest depth-1/2 module holding a convolution or linear layer, e.g.
+            ``conv1, layer1..layer4`` for a ResNet, ``features.1, .3, .5`` and ``features``
+            for a Swin).
+        dropout_p: probability of the dropout that is added when the model has none.
         device: where the model runs.
+
+    A model without dropout (``p > 0``), such as torchvision's ResNets, gets dropout on the
+    classifier input at construction, with a warning: it is active whenever the classifier is
+    in train mode, so the model trains with the dropout that MC sampling uses.
     """
 
     task = "cls"
+    prob_kind = "softmax"
 
     def __init__(
         self,
@@ -55,8 +84,7 @@ class ClassificationAdapter(Adapter):
         self._model = model.to(self._device)
         self.input_shape = tuple(input_shape)
         self._classifier_name = classifier or _last_linear(model)
-        modules = dict(model.named_modules())
-        head = modules.get(self._classifier_name)
+        head = dict(model.named_modules()).get(self._classifier_name)
         if not isinstance(head, nn.Linear):
             raise ValueError(
                 f"classifier {self._classifier_name!r} must name an nn.Linear layer of the model"
@@ -65,7 +93,17 @@ class ClassificationAdapter(Adapter):
         if not 0.0 < dropout_p < 1.0:
             raise ValueError(f"dropout_p must lie in (0, 1), got {dropout_p}")
         self.dropout_p = dropout_p
+        self._layouts: dict[str, str] = {}
         self._feature_info = self._learn_feature_info(feature_layers)
+        if not has_dropout(model):
+            inject_dropout(head, dropout_p)
+            warnings.warn(
+                f"{type(model).__name__} has no dropout with p > 0: taskal adds "
+                f"dropout(p={dropout_p}) on the classifier input ({self._classifier_name!r}), "
+                "active in training and MC sampling",
+                UserWarning,
+                stacklevel=2,
+            )
 
     # -- contract -------------------------------------------------------------------------
     @property
@@ -84,26 +122,37 @@ class ClassificationAdapter(Adapter):
     def feature_info(self) -> list[FeatureInfo]:
         return list(self._feature_info)
 
-    def predict(self, batch: Batch, n_samples: int = 1) -> Predictions:
+    def predict(self, batch: Batch, n_samples: int = 1, units: Units | None = None) -> Predictions:
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-        x = batch.inputs.to(self._device)
-        context = self.stochastic() if n_samples > 1 else self._eval()
+        x = self._inputs(batch)
+        owner_U = torch.arange(x.shape[0], device=self._device)
+        images = Units(owner_U, torch.zeros_like(owner_U))
+        if units is not None:
+            check_unit_alignment(
+                images, units, "the caller (units for an image classifier: one per item)"
+            )
+            images = Units(units.owner_U.to(self._device), units.unit_U.to(self._device))
+        context = self.stochastic() if n_samples > 1 else eval_mode(self._model)
         with torch.no_grad(), context:
             probs = [F.softmax(self._model(x).float(), dim=1) for _ in range(n_samples)]
-        probs_UCK = torch.stack(probs, dim=-1)
-        return Predictions(probs_UCK, torch.arange(len(batch), device=self._device))
+        return Predictions(
+            torch.stack(probs, dim=-1), images.owner_U, self.prob_kind, unit_U=images.unit_U
+        )
 
-    def features(self, batch: Batch, names: Sequence[str] | None = None) -> dict[str, Tensor]:
+    def features(self, batch: Batch, names: Sequence[str] | None = None) -> dict[str, FeatureMap]:
         names = self._check_names(names)
-        with torch.no_grad(), self._eval(), self.capture_features(names) as store:
-            self._model(batch.inputs.to(self._device))
-        return {n: store[n].detach() for n in names}
+        x = self._inputs(batch)
+        with torch.no_grad(), eval_mode(self._model), self.capture_features(names) as store:
+            self._model(x)
+        return {n: _detach(store[n]) for n in names}
 
     def capture_features(
         self, names: Sequence[str] | None = None
-    ) -> contextlib.AbstractContextManager[dict[str, Tensor]]:
-        return capture_outputs(self._model, self._check_names(names))
+    ) -> contextlib.AbstractContextManager[CapturedFeatures]:
+        names = self._check_names(names)
+        to_nchw = {n: _nhwc_to_nchw for n in names if self._layouts.get(n) == NHWC}
+        return capture_outputs(self._model, names, to_nchw)
 
     def embed(self, batch: Batch) -> Tensor:
         store: list[Tensor] = []
@@ -111,38 +160,43 @@ class ClassificationAdapter(Adapter):
         def pre_hook(_m: nn.Module, args: tuple[Tensor, ...]) -> None:
             store.append(args[0].detach().flatten(1))
 
-        handle = self._classifier.register_forward_pre_hook(pre_hook)
+        x = self._inputs(batch)
+        handle = self._classifier.register_forward_pre_hook(pre_hook, prepend=True)
         try:
-            with torch.no_grad(), self._eval():
-                self._model(batch.inputs.to(self._device))
+            with torch.no_grad(), eval_mode(self._model):
+                self._model(x)
         finally:
             handle.remove()
         return store[-1]
 
     def per_sample_loss(self, batch: Batch) -> Tensor:
         if batch.targets is None:
-            raise ValueError("per_sample_loss needs batch.targets (the labels)")
-        with torch.no_grad(), self._eval():
-            logits = self._model(batch.inputs.to(self._device))
-        return F.cross_entropy(logits, batch.targets.to(self._device), reduction="none")
+            raise ValueError("per_sample_loss needs batch.targets (the class indices [B])")
+        x = self._inputs(batch)
+        with torch.no_grad(), eval_mode(self._model):
+            logits = self._model(x)
+        targets = torch.as_tensor(batch.targets, device=self._device).long()
+        return F.cross_entropy(logits.float(), targets, reduction="none")
 
     def stochastic(self) -> contextlib.AbstractContextManager[None]:
-        return mc_dropout(self._model, inject_at=self._classifier, p=self.dropout_p)
+        return mc_dropout(self._model)
 
     def last_layer(self) -> tuple[Tensor, Tensor | None]:
         bias = None if self._classifier.bias is None else self._classifier.bias.detach()
         return self._classifier.weight.detach(), bias
 
     # -- helpers --------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _eval(self) -> Iterator[None]:
-        modes = {m: m.training for m in self._model.modules()}
-        try:
-            self._model.eval()
-            yield
-        finally:
-            for m, mode in modes.items():
-                m.train(mode)
+    def _inputs(self, batch: Batch) -> Tensor:
+        """The batch as one ``[B, C, H, W]`` tensor on the device (a list is stacked)."""
+        if isinstance(batch.inputs, Tensor):
+            return batch.inputs.to(self._device)
+        sizes = {tuple(x.shape) for x in batch.inputs}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"a classifier takes same-size inputs, got shapes {sorted(sizes)}; resize or "
+                "crop the images in the dataset transform"
+            )
+        return torch.stack([x.to(self._device) for x in batch.inputs])
 
     def _check_names(self, names: Sequence[str] | None) -> list[str]:
         known = [f.name for f in self._feature_info]
@@ -154,30 +208,114 @@ class ClassificationAdapter(Adapter):
         return list(names)
 
     def _learn_feature_info(self, names: Sequence[str] | None) -> list[FeatureInfo]:
-        candidates = list(names) if names is not None else _conv_containers(self._model)
+        candidates = list(names) if names is not None else _feature_candidates(self._model)
         shapes = probe_feature_shapes(self._model, candidates, self.input_shape)
-        spatial = {n: s for n, s in shapes.items() if len(s) == 4}
+        layouts = _layouts(self._model, shapes, self.input_shape, explicit=names is not None)
         if names is not None:
-            bad = [n for n in names if n not in spatial]
+            bad = [n for n in names if layouts.get(n) is None]
             if bad:
-                raise ValueError(f"feature layers {bad} do not output [B, C, H, W] maps")
+                raise ValueError(
+                    f"feature layers {bad} do not output [B, C, H, W] (or [B, H, W, C]) maps; "
+                    f"their output shapes are {[shapes.get(n) for n in bad]}"
+                )
             chosen = list(names)
-        else:  # per stride: the shallowest module, the last completed among equals
+        else:  # per stride: the shallowest single-level module, the last completed among equals
             by_stride: dict[int, str] = {}
-            for n, s in spatial.items():
-                stride = _stride(self.input_shape, s)
+            for n, levels in shapes.items():
+                layout = layouts.get(n)
+                if layout is None or len(levels) != 1:
+                    continue
+                stride = _strides(self.input_shape, levels, layout)[0]
                 best = by_stride.get(stride)
                 if best is None or n.count(".") <= best.count("."):
                     by_stride[stride] = n
             chosen = [by_stride[k] for k in sorted(by_stride)]
-        return [
-            FeatureInfo(n, int(spatial[n][1]), _stride(self.input_shape, spatial[n]))
-            for n in chosen
-        ]
+        infos = []
+        for n in chosen:
+            layout = layouts[n]
+            assert layout is not None
+            self._layouts[n] = layout
+            channels = {int(s[1] if layout == NCHW else s[3]) for s in shapes[n]}
+            if len(channels) != 1:
+                raise ValueError(
+                    f"feature layer {n!r} has levels with different channels {channels}"
+                )
+            strides = _strides(self.input_shape, shapes[n], layout)
+            infos.append(FeatureInfo(n, channels.pop(), strides, module=n))
+        return infos
 
 
-def _stride(input_shape: Sequence[int], shape: torch.Size) -> int:
-    return max(1, round(input_shape[-1] / int(shape[-1])))
+def _strides(
+    input_shape: Sequence[int], levels: Sequence[torch.Size], layout: str
+) -> tuple[int, ...]:
+    width_axis = 3 if layout == NCHW else 2
+    return tuple(max(1, round(input_shape[-1] / int(s[width_axis]))) for s in levels)
+
+
+def _layouts(
+    model: nn.Module,
+    shapes: Mapping[str, tuple[torch.Size, ...]],
+    input_shape: Sequence[int],
+    explicit: bool,
+) -> dict[str, str | None]:
+    """``NCHW``/``NHWC`` for every 4-D layer whose spatial axes grow with the input, else None.
+
+    The model runs a second time on a larger input (H and W doubled, else 1.5 times): the axes
+    that grow are the spatial ones. A layer named explicitly whose 4-D output does not grow
+    (a pooled ``[B, C, 1, 1]``) is read as ``NCHW``. When no larger input fits the model (a
+    ViT with a fixed size), every 4-D layer is read as ``NCHW``, with a warning.
+    """
+    c, h, w = input_shape[-3:]
+    larger = None
+    for scale in (2.0, 1.5):
+        try:
+            larger = probe_feature_shapes(
+                model, list(shapes), (c, round(h * scale), round(w * scale))
+            )
+            break
+        except ValueError:
+            continue
+    out: dict[str, str | None] = {}
+    for name, levels in shapes.items():
+        if any(len(s) != 4 for s in levels):
+            out[name] = None
+        elif larger is None:
+            out[name] = NCHW
+        else:
+            other = larger.get(name, ())
+            pairs = list(zip(levels, other, strict=True)) if len(other) == len(levels) else []
+            found = {_layout(a, b) for a, b in pairs}
+            if explicit and pairs and all(a == b for a, b in pairs):
+                out[name] = NCHW  # a pooled [B, C, 1, 1] named on purpose
+            else:
+                out[name] = found.pop() if len(found) == 1 else None
+    if larger is None:
+        warnings.warn(
+            f"{type(model).__name__} accepts no input larger than {tuple(input_shape)}, so the "
+            "layout of its feature layers cannot be probed: reading them as [B, C, H, W]",
+            UserWarning,
+            stacklevel=4,
+        )
+    return out
+
+
+def _layout(a: torch.Size, b: torch.Size) -> str | None:
+    """The layout of a 4-D layer from its shapes ``a`` and ``b`` at a small and a large input."""
+    grown = {i for i in (1, 2, 3) if a[i] != b[i]}
+    if grown and grown <= {2, 3}:
+        return NCHW
+    if grown and grown <= {1, 2}:
+        return NHWC
+    return None
+
+
+def _nhwc_to_nchw(x: Tensor) -> Tensor:
+    return x.permute(0, 3, 1, 2)
+
+
+def _detach(x: FeatureMap) -> FeatureMap:
+    levels = tuple(t.detach() for t in as_levels(x))
+    return levels[0] if len(levels) == 1 else levels
 
 
 def _last_linear(model: nn.Module) -> str:
@@ -189,12 +327,12 @@ def _last_linear(model: nn.Module) -> str:
     return names[-1]
 
 
-def _conv_containers(model: nn.Module) -> list[str]:
-    """Submodules at depth 1-2 that are or contain a Conv2d, in registration order."""
+def _feature_candidates(model: nn.Module) -> list[str]:
+    """Submodules at depth 1-2 that are or hold a Conv2d or Linear, in registration order."""
     out = []
     for name, module in model.named_modules():
         if not name or name.count(".") > 1:
             continue
-        if any(isinstance(m, nn.Conv2d) for m in module.modules()):
+        if any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules()):
             out.append(name)
     return out

@@ -1,17 +1,41 @@
-"""The task-agnostic selector: gather what a strategy needs over the pool, then select."""
+"""The task-agnostic selector: stream a strategy over the pool, then select under a budget.
+
+Selection streams in bounded memory. Per batch the selector strips the labels
+(:meth:`Batch.without_labels`), asks the adapter for what the strategy requires, validates
+the probabilities and lets the strategy reduce unit outputs (boxes, pixels) to one score per
+item before the next batch. What is kept grows with the pool's *item* count (a score, an
+embedding, a predicted loss per item), never with its pixel or anchor count. For region
+queries the unit scores are reduced to region scores per batch and only the best regions
+(enough to spend the budget twice over) are kept.
+"""
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
-from taskal.functional import check_budget
+from taskal.functional import check_budget, check_probs, reduce_regions
 from taskal.registry import QUERY_STRATEGIES, build
 from taskal.strategies.base import QueryStrategy
-from taskal.types import Adapter, Batch, ItemId, PoolOutputs, Predictions
+from taskal.types import (
+    Adapter,
+    Batch,
+    BatchOutputs,
+    ItemId,
+    LabelState,
+    PoolOutputs,
+    Predictions,
+    Query,
+)
+
+QUERY_KINDS = ("item", "region")
 
 
 class ItemSource(Protocol):
@@ -23,15 +47,102 @@ class ItemSource(Protocol):
 
 
 def build_strategy(cfg: dict[str, Any] | str | QueryStrategy) -> QueryStrategy:
-    """Build a strategy from a config dict or a registered name."""
+    """Build a strategy from a config dict or a registered name.
+
+    An argument the strategy does not take (``n_samples`` for core-set, say) fails here
+    with the list of the arguments it does take, before any scoring.
+    """
     if isinstance(cfg, QueryStrategy):
         return cfg
     if isinstance(cfg, str):
         cfg = {"type": cfg}
+    if not isinstance(cfg, dict) or "type" not in cfg:
+        raise TypeError(f"a strategy must be a name or a dict with a 'type' key, got {cfg!r}")
+    QUERY_STRATEGIES.import_from_location()
+    cls = QUERY_STRATEGIES.get(cfg["type"]) if isinstance(cfg["type"], str) else cfg["type"]
+    if inspect.isclass(cls):
+        init = cls.__init__
+        params = {} if init is object.__init__ else dict(inspect.signature(init).parameters)
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            accepted = [n for n in params if n != "self"]
+            unknown = sorted(set(cfg) - {"type"} - set(accepted))
+            if unknown:
+                raise ValueError(
+                    f"strategy {cfg['type']!r} does not take {unknown}; it accepts "
+                    f"{accepted or 'no arguments'}"
+                )
     strategy = build(QUERY_STRATEGIES, cfg)
     if not isinstance(strategy, QueryStrategy):
         raise TypeError(f"{cfg['type']!r} built a {type(strategy).__name__}, not a QueryStrategy")
     return strategy
+
+
+@dataclass
+class _Stream:
+    """Per-item results accumulated over the batches."""
+
+    scores: list[Tensor] = field(default_factory=list)
+    probs: list[Tensor] = field(default_factory=list)
+    embeds: list[Tensor] = field(default_factory=list)
+    losses: list[Tensor] = field(default_factory=list)
+
+    def outputs(self, ids: list[ItemId]) -> PoolOutputs:
+        def cat(parts: list[Tensor]) -> Tensor | None:
+            return torch.cat(parts) if parts else None
+
+        return PoolOutputs(
+            ids,
+            scores_N=cat(self.scores),
+            probs_NC=cat(self.probs),
+            embeddings_ND=cat(self.embeds),
+            loss_pred_N=cat(self.losses),
+        )
+
+
+class RegionBuffer:
+    """The best regions seen so far: enough of them to spend ``keep_cost`` of budget.
+
+    Rows are ranked by score, ties by a random key from the selection's generator. Memory
+    is bounded by the budget, not by the pool.
+    """
+
+    def __init__(self, keep_cost: float) -> None:
+        self.keep_cost = keep_cost
+        self.total_cost = 0.0
+        self.score = torch.zeros(0, dtype=torch.float64)
+        self.tie = torch.zeros(0, dtype=torch.float64)
+        self.item = torch.zeros(0, dtype=torch.long)
+        self.region = torch.zeros(0, dtype=torch.long)
+        self.cost = torch.zeros(0, dtype=torch.float64)
+        self.box = torch.zeros(0, 4, dtype=torch.float64)
+
+    def push(
+        self,
+        score: Tensor,
+        item: Tensor,
+        region: Tensor,
+        cost: Tensor,
+        box: Tensor,
+        generator: torch.Generator,
+    ) -> None:
+        self.total_cost += float(cost.sum())
+        self.score = torch.cat([self.score, score.double()])
+        self.tie = torch.cat([self.tie, torch.rand(len(score), generator=generator).double()])
+        self.item = torch.cat([self.item, item.long()])
+        self.region = torch.cat([self.region, region.long()])
+        self.cost = torch.cat([self.cost, cost.double()])
+        self.box = torch.cat([self.box, box.double()])
+        order = self.order()
+        cum = torch.cumsum(self.cost[order], 0)
+        keep = int(torch.searchsorted(cum, torch.tensor([self.keep_cost], dtype=cum.dtype))) + 1
+        order = order[:keep]
+        for name in ("score", "tie", "item", "region", "cost", "box"):
+            setattr(self, name, getattr(self, name)[order])
+
+    def order(self) -> Tensor:
+        """Positions by descending score, random among ties."""
+        by_tie = torch.argsort(self.tie)
+        return by_tie[torch.sort(self.score[by_tie], descending=True, stable=True).indices]
 
 
 class Selector:
@@ -41,6 +152,9 @@ class Selector:
         strategy: a :class:`QueryStrategy`, a registered name, or a config dict.
         batch_size: items per forward pass while scoring.
         progress: show a progress bar while scoring the pool.
+        query: ``"item"`` (label whole images; the budget counts items) or ``"region"``
+            (label regions: boxes, superpixels, patches, as the adapter's ``region_U``
+            defines them; the budget counts annotation cost, ``cost_U`` summed per region).
     """
 
     def __init__(
@@ -48,99 +162,205 @@ class Selector:
         strategy: QueryStrategy | dict[str, Any] | str,
         batch_size: int = 256,
         progress: bool = True,
+        query: str = "item",
     ) -> None:
         self.strategy = build_strategy(strategy)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if query not in QUERY_KINDS:
+            raise ValueError(f"unknown query kind {query!r}; choose one of {QUERY_KINDS}")
+        if query == "region":
+            probe = Predictions(torch.full((1, 2, 1), 0.5), torch.zeros(1, dtype=torch.long))
+            self.strategy.region_unit_scores(probe)  # raises for strategies without units
         self.batch_size = batch_size
         self.progress = progress
+        self.query = query
 
     def select(
         self,
         adapter: Adapter,
         source: ItemSource,
-        labeled: Collection[ItemId],
-        budget: int,
+        labeled: LabelState | Collection[ItemId],
+        budget: float,
         generator: torch.Generator | None = None,
-    ) -> list[ItemId]:
-        """Return ``budget`` unique ids from ``source`` that are not in ``labeled``.
+    ) -> list[Query]:
+        """Return queries whose costs add up to at most ``budget``.
 
-        ``generator`` decides everything random: MC-dropout masks and the strategy's draws.
+        Item queries: ``budget`` unique items not yet labeled. Region queries: regions of
+        items not fully labeled, skipping regions already labeled, best first, while their
+        cost fits the budget.
+
+        ``generator`` decides everything random (MC-dropout masks, ties, random picks); with
+        ``None`` a generator seeded 0 is used, so the same call gives the same queries and
+        the caller's global RNG is left untouched.
 
         Raises:
             ValueError: for an empty unlabeled pool, a budget larger than the pool, or a
                 strategy that returns invalid positions.
         """
-        labeled_set = set(labeled)
-        unknown = labeled_set.difference(source.ids)
+        state = LabelState.of(labeled)
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        known = set(source.ids)
+        unknown = state.items().difference(known)
         if unknown:
             examples = sorted(map(str, unknown))[:3]
             raise KeyError(f"{len(unknown)} labeled ids are not in the pool, e.g. {examples}")
-        candidates = [i for i in source.ids if i not in labeled_set]
-        check_budget(budget, len(candidates))
-        labeled_ids = [i for i in source.ids if i in labeled_set]
+        done = state.full if self.query == "region" else state.items()
+        candidates = [i for i in source.ids if i not in done]
+        if self.query == "item":
+            budget = check_budget(budget, len(candidates))  # type: ignore[arg-type]
+        elif not candidates:
+            check_budget(1, 0)
+        elif not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+            raise ValueError(f"budget must be a positive annotation cost, got {budget!r}")
+        labeled_ids = [i for i in source.ids if i in state.items()]
         # MC-dropout masks come from torch's global RNG: seed it from the generator inside a
-        # forked RNG state, so the same generator gives the same picks and callers' global
-        # state is untouched.
+        # forked RNG state, so the same generator gives the same picks and the caller's
+        # global state is untouched.
         seed = int(torch.randint(2**62, (1,), generator=generator))
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            outputs = self.gather(adapter, source, candidates, labeled_ids)
-        positions = self.strategy.select(outputs, budget, generator)
-        return self._check_positions(positions, len(candidates), budget, candidates)
+            buffer = RegionBuffer(2.0 * float(budget)) if self.query == "region" else None
+            outputs = self.stream(
+                adapter, source, candidates, labeled_ids, buffer, state, generator
+            )
+        if buffer is not None:
+            return self._pick_regions(buffer, candidates, float(budget))
+        positions = self.strategy.select(outputs, int(budget), generator)
+        pos = self._check_positions(positions, len(candidates), int(budget))
+        scores = outputs.scores_N
+        return [
+            Query(candidates[i], score=math.nan if scores is None else float(scores[i]))
+            for i in pos
+        ]
 
-    def gather(
+    def stream(
         self,
         adapter: Adapter,
         source: ItemSource,
         candidates: Sequence[ItemId],
         labeled: Sequence[ItemId] = (),
+        regions: RegionBuffer | None = None,
+        state: LabelState | None = None,
+        generator: torch.Generator | None = None,
     ) -> PoolOutputs:
-        """Collect the adapter outputs that the strategy declares in ``needs``."""
-        needs = self.strategy.needs
-        sampling = self.strategy.sampling
-        if sampling == "ensemble" and not hasattr(adapter, "members"):
+        """Score ``candidates`` batch by batch into per-item :class:`PoolOutputs`.
+
+        Labels never reach the adapter: every batch passes through
+        :meth:`Batch.without_labels` first.
+        """
+        strategy = self.strategy
+        needs = strategy.needs | ({"probs"} if regions is not None else set())
+        if strategy.sampling == "ensemble" and not hasattr(adapter, "members"):
             raise ValueError(
-                f"{type(self.strategy).__name__} scores a deep ensemble: pass an "
-                "EnsembleAdapter (taskal.adapters.EnsembleAdapter) of trained members"
+                f"{type(strategy).__name__} scores a deep ensemble: pass an EnsembleAdapter "
+                "(taskal.adapters.EnsembleAdapter) of trained members"
             )
-        n_samples = self.strategy.n_samples if sampling == "mc_dropout" else 1
-        probs, owners, boxes, embeds, losses = [], [], [], [], []
+        n_samples = strategy.n_samples if strategy.sampling != "deterministic" else 1
+        acc = _Stream()
         offset = 0
-        batches = source.batches(candidates, self.batch_size)
-        desc = f"scoring pool ({type(self.strategy).__name__})"
         total = -(-len(candidates) // self.batch_size)
+        desc = f"scoring pool ({type(strategy).__name__})"
+        batches = source.batches(candidates, self.batch_size)
         for batch in tqdm(batches, desc=desc, total=total, disable=not self.progress, leave=False):
-            if "probs" in needs:
-                pred = adapter.predict(batch, n_samples=n_samples)
-                probs.append(pred.probs_UCK.cpu())
-                owners.append(pred.owner_U.cpu() + offset)
-                if pred.boxes_U4 is not None:
-                    boxes.append(pred.boxes_U4.cpu())
-            if "embeddings" in needs:
-                embeds.append(adapter.embed(batch).cpu())
+            batch = batch.without_labels()
+            out = BatchOutputs(list(batch.ids))
+            if needs & {"probs", "item_probs"}:
+                out.predictions = adapter.predict(batch, n_samples=n_samples)
+                check_probs(out.predictions.probs_UCK, out.predictions.kind)
+            if needs & {"embeddings"}:
+                out.embeddings_BD = adapter.embed(batch).detach().cpu()
             if "loss_pred" in needs:
-                losses.append(adapter.predict_loss(batch).cpu())
+                out.loss_pred_B = adapter.predict_loss(batch).detach().cpu()
+                acc.losses.append(out.loss_pred_B)
+            if "item_probs" in needs:
+                acc.probs.append(_item_probs(out.predictions, len(batch), strategy))
+            if out.embeddings_BD is not None:
+                acc.embeds.append(out.embeddings_BD)
+            scores = strategy.score_batch(out)
+            if scores is not None:
+                acc.scores.append(scores.detach().cpu().double())
+            if regions is not None and out.predictions is not None:
+                self._push_regions(regions, out.predictions, offset, candidates, state, generator)
             offset += len(batch)
-        outputs = PoolOutputs(list(candidates))
-        if probs:
-            outputs.predictions = Predictions(
-                torch.cat(probs), torch.cat(owners), torch.cat(boxes) if boxes else None
-            )
-        if embeds:
-            outputs.embeddings_ND = torch.cat(embeds)
-        if losses:
-            outputs.loss_pred_N = torch.cat(losses)
+        outputs = acc.outputs(list(candidates))
         if "labeled_embeddings" in needs:
-            parts = [adapter.embed(b).cpu() for b in source.batches(labeled, self.batch_size)]
+            parts = [
+                adapter.embed(b.without_labels()).detach().cpu()
+                for b in source.batches(labeled, self.batch_size)
+            ]
             dim = outputs.embeddings_ND.shape[1] if outputs.embeddings_ND is not None else 0
             outputs.labeled_embeddings_LD = torch.cat(parts) if parts else torch.zeros(0, dim)
         return outputs
 
-    def _check_positions(
-        self, positions: torch.Tensor, num: int, budget: int, candidates: Sequence[ItemId]
-    ) -> list[ItemId]:
+    def _push_regions(
+        self,
+        buffer: RegionBuffer,
+        p: Predictions,
+        offset: int,
+        candidates: Sequence[ItemId],
+        state: LabelState | None,
+        generator: torch.Generator | None,
+    ) -> None:
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        scores_U = self.strategy.region_unit_scores(p, g).detach().cpu().double()
+        owner_U, region_U = p.owner_U.cpu(), p.regions().cpu()
+        reduction = getattr(self.strategy, "reduction", "max")
+        owner_R, region_R, score_R, cost_R = reduce_regions(
+            scores_U, owner_U, region_U, p.costs().cpu().double(), reduction
+        )
+        box_R4 = _region_boxes(p, owner_R, region_R)
+        if state is not None and state.partial:
+            done = torch.tensor(
+                [
+                    int(r) in state.regions_of(candidates[offset + int(o)])
+                    for o, r in zip(owner_R.tolist(), region_R.tolist(), strict=True)
+                ],
+                dtype=torch.bool,
+            )
+            keep = ~done
+            owner_R, region_R, score_R, cost_R = (
+                owner_R[keep],
+                region_R[keep],
+                score_R[keep],
+                cost_R[keep],
+            )
+            box_R4 = box_R4[keep]
+        if not torch.isfinite(score_R).all():
+            raise ValueError(f"{type(self.strategy).__name__} gave NaN/inf region scores")
+        buffer.push(score_R, owner_R + offset, region_R, cost_R, box_R4, g)
+
+    def _pick_regions(
+        self, buffer: RegionBuffer, candidates: Sequence[ItemId], budget: float
+    ) -> list[Query]:
+        if buffer.total_cost < budget:
+            raise ValueError(
+                f"budget {budget:g} is larger than the unlabeled regions' total cost "
+                f"({buffer.total_cost:g}); lower the budget or add items to the pool."
+            )
+        queries, spent = [], 0.0
+        for i in buffer.order().tolist():
+            cost = float(buffer.cost[i])
+            if spent + cost > budget + 1e-9:
+                continue
+            box = buffer.box[i]
+            queries.append(
+                Query(
+                    candidates[int(buffer.item[i])],
+                    int(buffer.region[i]),
+                    cost,
+                    float(buffer.score[i]),
+                    None if torch.isnan(box).any() else tuple(box.tolist()),
+                )
+            )
+            spent += cost
+            if spent >= budget - 1e-9:
+                break
+        return queries
+
+    def _check_positions(self, positions: Tensor, num: int, budget: int) -> list[int]:
         name = type(self.strategy).__name__
         pos = positions.long().cpu().tolist()
         if len(pos) != budget:
@@ -149,4 +369,36 @@ class Selector:
             raise ValueError(f"{name} returned duplicate items")
         if pos and (min(pos) < 0 or max(pos) >= num):
             raise ValueError(f"{name} returned positions outside [0, {num})")
-        return [candidates[i] for i in pos]
+        return [int(i) for i in pos]
+
+
+def _item_probs(p: Predictions | None, num_items: int, strategy: QueryStrategy) -> Tensor:
+    """``[B, C]`` mean probabilities of image-level softmax units (for BADGE)."""
+    name = type(strategy).__name__
+    if p is None:
+        raise ValueError(f"{name} needs predictions; none were gathered")
+    if p.kind != "softmax":
+        raise ValueError(f"{name} needs softmax probabilities, got {p.kind} scores")
+    if p.num_units != num_items or not torch.equal(p.owner_U.cpu(), torch.arange(num_items)):
+        raise ValueError(
+            f"{name} needs exactly one prediction per item (image-level units, in item "
+            f"order); got {p.num_units} units for {num_items} items"
+        )
+    return p.probs_UCK.mean(-1).detach().cpu()
+
+
+def _region_boxes(p: Predictions, owner_R: Tensor, region_R: Tensor) -> Tensor:
+    """``[R, 4]`` enclosing box of each region's units (NaN without boxes)."""
+    num = owner_R.shape[0]
+    if p.boxes_U4 is None or num == 0:
+        return torch.full((num, 4), math.nan, dtype=torch.float64)
+    owner_U, region_U = p.owner_U.cpu(), p.regions().cpu()
+    span = int(region_U.max()) + 1
+    keys_R = owner_R * span + region_R
+    rows_U = torch.searchsorted(keys_R, owner_U * span + region_U)
+    boxes = p.boxes_U4.detach().cpu().double()
+    lo = torch.full((num, 2), math.inf, dtype=torch.float64)
+    hi = torch.full((num, 2), -math.inf, dtype=torch.float64)
+    lo.scatter_reduce_(0, rows_U[:, None].expand(-1, 2), boxes[:, :2], "amin")
+    hi.scatter_reduce_(0, rows_U[:, None].expand(-1, 2), boxes[:, 2:], "amax")
+    return torch.cat([lo, hi], 1)

@@ -50,15 +50,31 @@ class LLALConfig:
     Attributes:
         weight: λ, the weight of the ranking loss (1.0 in the paper).
         margin: ξ, the ranking margin (1.0 in the paper).
-        stop_grad_epoch: from this epoch on the loss module no longer back-propagates into
-            the task model (the paper stops at epoch 120 of 200, 60 %; 9 of 15 here).
-        hidden: width of each per-layer branch (128 in the paper).
+        stop_grad_fraction: after this fraction of the training schedule the loss module no
+            longer back-propagates into the task model (the paper stops at epoch 120 of 200:
+            0.6). The stop epoch is ``round(stop_grad_fraction * epochs)``.
+        hidden: width of each per-map branch (128 in the paper).
     """
 
     weight: float = 1.0
     margin: float = 1.0
-    stop_grad_epoch: int = 9
+    stop_grad_fraction: float = 0.6
     hidden: int = 128
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.stop_grad_fraction <= 1.0:
+            raise ValueError(
+                f"llal.stop_grad_fraction must lie in [0, 1] (0.6 = the paper's 120 of 200 "
+                f"epochs), got {self.stop_grad_fraction!r}"
+            )
+        if not self.weight >= 0 or not self.margin >= 0:
+            raise ValueError(f"llal.weight and llal.margin must be >= 0, got {self}")
+        if self.hidden < 1:
+            raise ValueError(f"llal.hidden must be >= 1, got {self.hidden}")
+
+    def stop_grad_epoch(self, epochs: int) -> int:
+        """The first epoch (0-based) of ``epochs`` in which the gradient is stopped."""
+        return round(self.stop_grad_fraction * epochs)
 
 
 def train_classifier(
@@ -84,6 +100,8 @@ def train_classifier(
     device = next(model.parameters()).device
     params = list(model.parameters()) + (list(llal.parameters()) if llal is not None else [])
     optim = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if not isinstance(labeled.inputs, torch.Tensor):
+        raise TypeError("train_classifier needs the labeled inputs stacked in one tensor [N, ...]")
     x_all = labeled.inputs.to(device)
     y_all = labeled.targets.to(device)
     n = len(labeled)
@@ -92,6 +110,7 @@ def train_classifier(
     if llal is not None:
         llal.to(device).train()
     stats = {"task_loss": 0.0, "llal_loss": 0.0}
+    stop_epoch = llal_cfg.stop_grad_epoch(cfg.epochs)
     for epoch in tqdm(range(cfg.epochs), desc="train", disable=not progress, leave=False):
         order = torch.cat(
             [torch.randperm(n, generator=generator) for _ in range(-(-per_epoch // n))]
@@ -110,7 +129,7 @@ def train_classifier(
                 with adapter.capture_features(llal.layers) as feats:
                     logits = model(x_all[idx])
                 loss_B = F.cross_entropy(logits, y_all[idx], reduction="none")
-                pred_B = llal(feats, detach=epoch >= llal_cfg.stop_grad_epoch)
+                pred_B = llal(feats, detach=epoch >= stop_epoch)
                 rank = loss_ranking_loss(pred_B, loss_B, llal_cfg.margin)
                 loss = loss_B.mean() + llal_cfg.weight * rank
                 totals["llal_loss"] += float(rank.detach())
@@ -131,6 +150,8 @@ def accuracy(adapter: Adapter, batch: Batch, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``adapter`` on ``batch`` (deterministic predictions)."""
     if batch.targets is None:
         raise ValueError("accuracy needs batch.targets")
+    if not isinstance(batch.inputs, torch.Tensor):
+        raise TypeError("accuracy needs the inputs stacked in one tensor [N, ...]")
     correct = 0
     for start in range(0, len(batch), batch_size):
         part = Batch(

@@ -24,8 +24,8 @@ from taskal.strategies import ScoreStrategy
 class LastFirst(ScoreStrategy):
     """Prefers candidates late in the pool (a toy rule)."""
 
-    def score(self, outputs):
-        return torch.arange(len(outputs), dtype=torch.float)
+    def score_batch(self, outputs):
+        return torch.tensor([float(ord(i)) for i in outputs.ids])
 
 
 @ADAPTERS.register_module()
@@ -71,8 +71,8 @@ def test_custom_imports_register_user_strategy_and_adapter(
     from taskal.data import TensorPool
 
     pool = TensorPool(torch.rand(6, 1, 8, 8), torch.zeros(6, dtype=torch.long), list("abcdef"))
-    picks = Selector(strategy, progress=False).select(adapter, pool, ["f"], 2)
-    assert picks == ["e", "d"]
+    picks = Selector(strategy, batch_size=2, progress=False).select(adapter, pool, ["f"], 2)
+    assert [q.item for q in picks] == ["e", "d"]
 
 
 def test_unknown_adapter_name() -> None:
@@ -83,3 +83,55 @@ def test_unknown_adapter_name() -> None:
 def test_config_must_have_type() -> None:
     with pytest.raises(TypeError, match="'type' key"):
         build(QUERY_STRATEGIES, {"name": "entropy"})
+
+
+def _inherit(tmp_path: Path, base: str) -> Config:
+    """A config that inherits a shipped one through ``_base_``, as users write them."""
+    path = tmp_path / "inherit.py"
+    path.write_text(f"_base_ = ['{base}']\n")
+    return Config.fromfile(str(path))
+
+
+def test_models_build_mmdet_detectors_by_scoped_name(tmp_path: Path) -> None:
+    """taskal's MODELS is a child of mmengine's root, so ``mmdet.*`` types build through it."""
+    from taskal.registry import MODELS
+
+    cfg = _inherit(tmp_path, "mmdet::retinanet/retinanet_r18_fpn_1x_coco.py").model
+    cfg.backbone.init_cfg = None
+    cfg.type = "mmdet.RetinaNet"
+    detector = build(MODELS, dict(cfg))
+    assert type(detector).__name__ == "RetinaNet"
+    assert type(detector.backbone).__name__ == "ResNet"
+
+
+def test_models_build_mmseg_segmentors_by_scoped_name(tmp_path: Path) -> None:
+    from taskal.registry import MODELS
+
+    cfg = _inherit(tmp_path, "mmseg::unet/unet-s5-d16_fcn_4xb4-40k_drive-64x64.py").model
+    cfg.type = "mmseg.EncoderDecoder"
+    cfg.data_preprocessor = None
+    segmentor = build(MODELS, dict(cfg))
+    assert type(segmentor).__name__ == "EncoderDecoder"
+
+
+@pytest.mark.parametrize("scope", ["mmdet", "mmseg"])
+def test_taskal_builds_under_openmmlab_default_scope_do_not_warn(
+    scope: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from mmengine.registry import DefaultScope
+
+    from taskal.registry import MODELS
+
+    with DefaultScope.overwrite_default_scope(scope):
+        model = build(MODELS, {"type": "SmallCNN", "in_channels": 1, "num_classes": 3})
+        strategy = build_strategy("entropy")
+    assert type(model).__name__ == "SmallCNN" and type(strategy).__name__ == "Entropy"
+    out, err = capfd.readouterr()
+    assert "Failed to search registry" not in out + err
+
+
+def test_unknown_scoped_model_names_the_package() -> None:
+    from taskal.registry import MODELS
+
+    with pytest.raises(KeyError, match=r"unknown model 'mmdet.NoSuchNet'.*'mmdet' installed"):
+        build(MODELS, {"type": "mmdet.NoSuchNet"})

@@ -10,7 +10,7 @@ from taskal.data import TensorPool
 from taskal.llal import LossPredictionModule
 from taskal.models import SmallCNN
 from taskal.selector import Selector, build_strategy
-from taskal.types import Adapter
+from taskal.types import Adapter, Batch, LabelState, Predictions, Units
 
 from .strategies.template import registered_names
 
@@ -42,9 +42,11 @@ def pool() -> TensorPool:
 @pytest.mark.parametrize("name", registered_names())
 def test_never_returns_labeled_or_duplicates(name: str, pool: TensorPool) -> None:
     labeled = pool.ids[::3]
-    picks = Selector(name, batch_size=7, progress=False).select(
+    queries = Selector(name, batch_size=7, progress=False).select(
         _adapter_for(name), pool, labeled, 8, torch.Generator().manual_seed(0)
     )
+    assert all(q.region is None and q.cost == 1.0 for q in queries)
+    picks = [q.item for q in queries]
     assert len(picks) == 8 and len(set(picks)) == 8
     assert not set(picks) & set(labeled)
     assert set(picks) <= set(pool.ids)
@@ -107,3 +109,70 @@ def test_nan_model_output_is_reported(pool: TensorPool) -> None:
         adapter.model.fc.weight.fill_(float("nan"))  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="NaN"):
         Selector("entropy", progress=False).select(adapter, pool, [], 2)
+
+
+class _SpyAdapter(ClassificationAdapter):
+    """Records every batch the selector hands it."""
+
+    seen: list[Batch]
+
+    def predict(self, batch: Batch, n_samples: int = 1, units: Units | None = None) -> Predictions:
+        self.seen.append(batch)
+        return super().predict(batch, n_samples, units)
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        self.seen.append(batch)
+        return super().embed(batch)
+
+    def predict_loss(self, batch: Batch) -> torch.Tensor:
+        self.seen.append(batch)
+        return super().predict_loss(batch)
+
+
+@pytest.mark.parametrize("name", ["entropy", "bald", "coreset", "badge", "llal", "hybrid"])
+def test_labels_never_reach_the_adapter(name: str, pool: TensorPool) -> None:
+    """Defect 1: the pool's ground truth is stripped before any adapter call."""
+    assert pool.targets is not None
+    torch.manual_seed(0)
+    adapter = _SpyAdapter(SmallCNN(1, 3, width=4), input_shape=(1, 8, 8))
+    adapter.attach_loss_predictor(LossPredictionModule(adapter.feature_info, hidden=8))
+    adapter.seen = []
+    Selector(name, batch_size=8, progress=False).select(adapter, pool, pool.ids[:4], 3)
+    assert adapter.seen, "the adapter was called"
+    assert all(b.targets is None for b in adapter.seen)
+
+
+def test_without_labels_strips_data_samples() -> None:
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+
+    sample = DetDataSample(metainfo={"img_shape": (8, 8), "img_id": 3})
+    sample.gt_instances = InstanceData(bboxes=torch.rand(2, 4), labels=torch.tensor([0, 1]))
+    plain = {"boxes": torch.rand(1, 4), "labels": torch.tensor([1]), "image_id": 5}
+    batch = Batch([torch.rand(3, 8, 8), torch.rand(3, 6, 9)], ["a", "b"], None, [sample, plain])
+    clean = batch.without_labels()
+    assert clean.data_samples is not None
+    stripped, stripped_plain = clean.data_samples
+    assert "gt_instances" not in stripped and stripped.metainfo["img_id"] == 3
+    assert stripped_plain == {"image_id": 5}
+    assert "gt_instances" in sample, "the original sample is untouched"
+
+
+def test_no_generator_is_reproducible_and_leaves_global_rng(pool: TensorPool) -> None:
+    """Defect 7: generator=None neither draws from nor depends on the global RNG."""
+    adapter = _adapter()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    runs = []
+    for global_seed in (7, 8):
+        torch.manual_seed(global_seed)
+        runs.append(Selector("random", progress=False).select(adapter, pool, [], 5))
+        if global_seed == 7:
+            assert torch.equal(torch.rand(3), expected)
+    assert runs[0] == runs[1]
+
+
+def test_partially_labeled_items_are_not_item_candidates(pool: TensorPool) -> None:
+    state = LabelState(full=set(pool.ids[:10]), partial={pool.ids[10]: {0}})
+    queries = Selector("random", progress=False).select(_adapter(), pool, state, 19)
+    assert {q.item for q in queries} == set(pool.ids[11:])

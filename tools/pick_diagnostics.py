@@ -41,6 +41,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     sim_cfg = SimulationConfig(
         strategies=list(args.strategies),
         model=dict(cfg.model),
+        adapter=dict(cfg.get("adapter", {"type": "classification"})),
         train=dict(cfg.train),
         progress=False,
         **dict(al, initial=args.labeled),
@@ -50,10 +51,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {}
     for label, strategy in sim.strategies:
         adapter = sim.train(strategy, labeled, args.seed, 0)
-        picks = Selector(strategy, progress=False).select(
+        queries = Selector(strategy, progress=False).select(
             adapter, pool, labeled, args.budget, torch.Generator().manual_seed(args.seed)
         )
-        counts = torch.bincount(pool.take(picks).targets, minlength=10).tolist()  # type: ignore[arg-type]
+        picks = [q.item for q in queries]
+        counts = torch.bincount(pool.take(picks).targets, minlength=10).tolist()
         line = f"{label:<12} picks per class {counts}"
         report[label] = {"class_counts": counts}
         if "loss_pred" in strategy.needs:

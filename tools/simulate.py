@@ -110,7 +110,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     sim_cfg = SimulationConfig(
         task=cfg.get("task", "cls"),
         model=dict(cfg.model),
-        adapter={k: v for k, v in cfg.get("adapter", {}).items() if k != "type"},
+        adapter=dict(cfg.get("adapter", {"type": "classification"})),
         train=dict(cfg.get("train", {})),
         device=cfg.get("device", "cpu"),
         progress=not args.no_progress,

@@ -63,5 +63,6 @@ class TensorPool:
             yield self.take(ids[start : start + batch_size])
 
     def subset(self, ids: Sequence[ItemId]) -> TensorPool:
-        batch = self.take(ids)
-        return TensorPool(batch.inputs, batch.targets, list(ids), self.classes)
+        rows = self.rows(ids)
+        targets = None if self.targets is None else self.targets[rows]
+        return TensorPool(self.inputs[rows], targets, list(ids), self.classes)

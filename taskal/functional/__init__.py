@@ -3,7 +3,8 @@
 from taskal.functional.badge import badge_select, gradient_factors, gradient_sq_dists_to
 from taskal.functional.diversity import k_center_greedy, kmeans_pp, min_sq_dists, sq_dists_to
 from taskal.functional.llal import loss_ranking_loss
-from taskal.functional.reduction import reduce_units
+from taskal.functional.ranking import top_k
+from taskal.functional.reduction import reduce_regions, reduce_units
 from taskal.functional.uncertainty import (
     bald,
     entropy,
@@ -33,8 +34,10 @@ __all__ = [
     "mean_kl",
     "mean_std",
     "min_sq_dists",
+    "reduce_regions",
     "reduce_units",
     "sq_dists_to",
+    "top_k",
     "variation_ratios",
     "vote_entropy",
 ]

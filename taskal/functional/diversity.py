@@ -8,6 +8,7 @@ embeddings; :mod:`taskal.functional.badge` gives it for factorized gradient embe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -26,13 +27,52 @@ def sq_dists_to(x_ND: Tensor) -> DistTo:
     return dist_to
 
 
-def min_sq_dists(x_ND: Tensor, centers_MD: Tensor, chunk: int = 4096) -> Tensor:
-    """``min_m ||x_i - c_m||^2`` for every row of ``x_ND``, in chunks of ``chunk`` centers."""
-    out = torch.full((x_ND.shape[0],), float("inf"), dtype=x_ND.dtype, device=x_ND.device)
-    for start in range(0, centers_MD.shape[0], chunk):
-        block = torch.cdist(x_ND, centers_MD[start : start + chunk]).pow(2)
-        out = torch.minimum(out, block.min(dim=1).values)
-    return out
+def min_sq_dists(x_ND: Tensor, centers_MD: Tensor, max_block: int = 2**20) -> Tensor:
+    """``min_m ||x_i - c_m||^2``: squared distance of every row of ``x_ND`` to its nearest center.
+
+    The core-set initialisation (Sener & Savarese 2018): the distance of every candidate to
+    the labeled set. Rows and centers are processed in blocks of at most ``max_block``
+    distances (``rows_per_block * centers_per_block <= max_block``), each computed as
+    ``||c||^2 - 2 x.c`` and folded into an ``O(N)`` running minimum, to which ``||x||^2`` is
+    added at the end (clamped at 0). Extra memory is ``O(N + M + max_block)`` whatever ``N``
+    and ``M`` are (``2**20`` float64 distances are 8 MiB per block).
+
+    Args:
+        x_ND: ``[N, D]`` candidate embeddings.
+        centers_MD: ``[M, D]`` center (labeled) embeddings, same dtype and device.
+        max_block: the most distances held in one block, ``>= 1``.
+
+    Returns:
+        ``[N]`` squared distances ``>= 0`` in ``x_ND``'s dtype (``inf`` when ``M == 0``);
+        higher = farther from every center (core-set picks the highest first).
+    """
+    if x_ND.dim() != 2 or centers_MD.dim() != 2 or x_ND.shape[1] != centers_MD.shape[1]:
+        raise ValueError(
+            f"expected x [N, D] and centers [M, D] with the same D, got {tuple(x_ND.shape)} "
+            f"and {tuple(centers_MD.shape)}"
+        )
+    if isinstance(max_block, bool) or not isinstance(max_block, int) or max_block < 1:
+        raise ValueError(f"max_block must be a positive integer, got {max_block!r}")
+    n, m = int(x_ND.shape[0]), int(centers_MD.shape[0])
+    cols = max(1, min(m, math.isqrt(max_block)))
+    rows = max(1, min(n, max_block // cols))
+    cols = max(1, min(m, max_block // rows))  # widen when N is small
+    sq_norm_N = (x_ND * x_ND).sum(1)
+    sq_norm_1M = (centers_MD * centers_MD).sum(1)[None]
+    centers_DM = centers_MD.T.contiguous()
+    # min_m ||x - c_m||^2 = ||x||^2 + min_m (||c_m||^2 - 2 x.c_m): ||x||^2 joins after the min
+    out_N = torch.full((n,), float("inf"), dtype=x_ND.dtype, device=x_ND.device)
+    for r0 in range(0, n, rows):
+        best_R = out_N[r0 : r0 + rows]
+        for c0 in range(0, m, cols):
+            block_RC = torch.addmm(
+                sq_norm_1M[:, c0 : c0 + cols],
+                x_ND[r0 : r0 + rows],
+                centers_DM[:, c0 : c0 + cols],
+                alpha=-2.0,
+            )
+            torch.minimum(best_R, block_RC.amin(dim=1), out=best_R)
+    return out_N.add_(sq_norm_N).clamp_min_(0.0)
 
 
 def k_center_greedy(

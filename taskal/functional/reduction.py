@@ -1,7 +1,13 @@
-"""Turn per-unit scores (boxes, pixels, regions) into one score per item (baal's ``reduction``)."""
+"""Turn per-unit scores (boxes, pixels) into one score per item or per region.
+
+:func:`reduce_units` gives one score per item (baal's ``reduction``); :func:`reduce_regions`
+gives one score and one annotation cost per ``(item, region)`` pair, for region queries
+(label a box, a superpixel or a patch instead of a whole image).
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 REDUCTIONS = ("max", "mean", "sum")
@@ -38,3 +44,70 @@ def reduce_units(
         return out.index_add_(0, owner_U, scores_U)
     reduce = "amax" if reduction == "max" else "mean"
     return out.scatter_reduce_(0, owner_U, scores_U, reduce=reduce, include_self=False)
+
+
+def reduce_regions(
+    scores_U: Tensor,
+    owner_U: Tensor,
+    region_U: Tensor,
+    cost_U: Tensor | None = None,
+    reduction: str = "max",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Aggregate unit scores and costs into one row per distinct ``(owner, region)`` pair.
+
+    Args:
+        scores_U: ``[U]`` unit scores, higher = label first.
+        owner_U: ``[U]`` integer, the item each unit belongs to, ``>= 0``.
+        region_U: ``[U]`` integer, the region each unit falls in inside its item, ``>= 0``
+            (:meth:`taskal.types.Predictions.regions`).
+        cost_U: ``[U]`` annotation cost each unit adds to its region, ``>= 0``; ``None``
+            counts 1 per unit.
+        reduction: how a region's unit scores combine: ``"max"``, ``"mean"`` or ``"sum"``.
+
+    Returns:
+        ``(owner_R, region_R, score_R, cost_R)``, one entry per distinct pair, sorted by
+        ``(owner, region)``: long ``owner_R`` and ``region_R``, ``score_R`` (the reduced
+        scores, higher = label first, in ``scores_U``'s dtype) and ``cost_R`` (summed costs, in
+        ``cost_U``'s dtype, else ``scores_U``'s).
+
+    Raises:
+        ValueError: on an unknown reduction, tensors that are not all ``[U]``, non-integer or
+            negative owners or regions, or negative costs.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
+    if scores_U.dim() != 1:
+        raise ValueError(f"scores must be 1-D [U], got shape {tuple(scores_U.shape)}")
+    named = {"owner": owner_U, "region": region_U}
+    if cost_U is not None:
+        named["cost"] = cost_U
+    for name, t in named.items():
+        if t.shape != scores_U.shape:
+            raise ValueError(
+                f"{name} {tuple(t.shape)} must match scores {tuple(scores_U.shape)}: one entry "
+                "per unit"
+            )
+    for name, t in (("owner", owner_U), ("region", region_U)):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"{name} ids must be an integer tensor, got {t.dtype}")
+        if t.numel() and int(t.min()) < 0:
+            raise ValueError(
+                f"{name} ids must be >= 0, got a minimum of {int(t.min())}; use "
+                f"Predictions.regions() for one region per unit"
+            )
+    if cost_U is None:
+        cost_U = torch.ones_like(scores_U)
+    elif cost_U.numel() and bool((cost_U < 0).any()):
+        raise ValueError(f"costs must be >= 0, got a minimum of {float(cost_U.min()):.3g}")
+    owner_U, region_U = owner_U.long(), region_U.long()
+    span = int(region_U.max()) + 1 if region_U.numel() else 1
+    key_R, inverse_U = torch.unique(owner_U * span + region_U, return_inverse=True)  # sorted
+    num_regions = int(key_R.shape[0])
+    cost_R = cost_U.new_zeros(num_regions).index_add_(0, inverse_U, cost_U)
+    score_R = scores_U.new_zeros(num_regions)
+    if reduction == "sum":
+        score_R.index_add_(0, inverse_U, scores_U)
+    else:
+        reduce = "amax" if reduction == "max" else "mean"
+        score_R.scatter_reduce_(0, inverse_U, scores_U, reduce=reduce, include_self=False)
+    return key_R // span, key_R % span, score_R, cost_R

@@ -5,21 +5,45 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from taskal.types import PROB_KINDS
 
-def check_probs(probs_UCK: Tensor, atol: float = 1e-3) -> Tensor:
+
+def check_probs(probs_UCK: Tensor, kind: str = "softmax", atol: float = 1e-3) -> Tensor:
     """Check that ``probs_UCK`` holds probabilities ``[U, C, K]`` and return it unchanged.
 
+    Args:
+        probs_UCK: ``[U, C, K]`` probabilities (units, classes, samples).
+        kind: ``"softmax"``: every ``[u, :, k]`` is a distribution over ``C >= 2`` classes
+            (sums to one within ``atol``, entries ``>= 0``); ``"sigmoid"``: ``C >= 1``
+            independent per-class scores, each in ``[0, 1]`` (no sum constraint).
+        atol: tolerance on the sum to one (softmax only).
+
+    Returns:
+        ``probs_UCK`` itself.
+
     Raises:
-        ValueError: on a wrong rank, NaN/inf, negative values, or columns that do not sum
-            to one (which usually means logits were passed where probabilities belong).
+        ValueError: on an unknown ``kind``, a wrong rank, too few classes, NaN/inf, values
+            outside the kind's range, or (softmax) columns that do not sum to one; these
+            usually mean logits were passed where probabilities belong.
     """
+    if kind not in PROB_KINDS:
+        raise ValueError(f"unknown probability kind {kind!r}; choose one of {PROB_KINDS}")
     if probs_UCK.dim() != 3:
         raise ValueError(
             f"expected probabilities shaped [U, C, K] (units, classes, samples), got shape "
             f"{tuple(probs_UCK.shape)}; add a trailing sample axis with probs.unsqueeze(-1)."
         )
-    if probs_UCK.shape[1] < 2:
-        raise ValueError(f"expected at least 2 classes, got C={probs_UCK.shape[1]}")
+    min_classes = 2 if kind == "softmax" else 1
+    if probs_UCK.shape[1] < min_classes:
+        hint = (
+            " (a one-class head is a sigmoid head: pass kind='sigmoid')"
+            if kind == "softmax"
+            else ""
+        )
+        raise ValueError(
+            f"{kind} probabilities need at least {min_classes} classes, got "
+            f"C={probs_UCK.shape[1]}{hint}"
+        )
     if probs_UCK.numel() == 0:
         return probs_UCK
     if not torch.isfinite(probs_UCK).all():
@@ -28,6 +52,14 @@ def check_probs(probs_UCK: Tensor, atol: float = 1e-3) -> Tensor:
             f"probabilities contain NaN or inf in {bad} of {probs_UCK.shape[0]} units; "
             "check the model's outputs (a diverged training run is the usual cause)."
         )
+    if kind == "sigmoid":
+        lo, hi = float(probs_UCK.min()), float(probs_UCK.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(
+                f"sigmoid scores must lie in [0, 1]; were logits passed? apply sigmoid first "
+                f"(got values in [{lo:.3g}, {hi:.3g}])."
+            )
+        return probs_UCK
     if (probs_UCK < 0).any():
         raise ValueError("probabilities must be >= 0; were logits passed? apply softmax first.")
     sums = probs_UCK.sum(dim=1)
@@ -35,7 +67,8 @@ def check_probs(probs_UCK: Tensor, atol: float = 1e-3) -> Tensor:
     if worst > atol:
         raise ValueError(
             f"probabilities must sum to one over classes (dim 1); the worst unit is off by "
-            f"{worst:.3g}. Were logits or unnormalised scores passed? apply softmax first."
+            f"{worst:.3g}. Were logits or unnormalised scores passed? apply softmax first "
+            "(or pass kind='sigmoid' for independent per-class scores)."
         )
     return probs_UCK
 

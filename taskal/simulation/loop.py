@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from taskal.adapters import ClassificationAdapter, EnsembleAdapter
+from taskal.adapters import EnsembleAdapter
 from taskal.data.pool import TensorPool
 from taskal.llal.module import LossPredictionModule
 from taskal.models import build_model
+from taskal.registry import ADAPTERS, build
 from taskal.selector import Selector, build_strategy
 from taskal.strategies.base import QueryStrategy
 from taskal.training import LLALConfig, TrainConfig, accuracy, train_classifier
@@ -41,7 +42,9 @@ class SimulationConfig:
         ensemble_size: members trained for ensemble strategies.
         model: :data:`~taskal.registry.MODELS` config; ``num_classes`` and ``in_channels``
             are filled from the data.
-        adapter: extra arguments of the classification adapter.
+        adapter: the adapter config: ``type`` (a registered adapter, ``classification`` by
+            default) and its extra arguments; ``model``, ``input_shape`` and ``device`` are
+            filled in.
         train: :class:`TrainConfig` fields.
         llal: :class:`LLALConfig` fields.
         device: where models run.
@@ -55,7 +58,7 @@ class SimulationConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     ensemble_size: int = 5
     model: dict[str, Any] = field(default_factory=lambda: {"type": "SmallCNN"})
-    adapter: dict[str, Any] = field(default_factory=dict)
+    adapter: dict[str, Any] = field(default_factory=lambda: {"type": "classification"})
     train: dict[str, Any] = field(default_factory=dict)
     llal: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
@@ -75,8 +78,45 @@ class SimulationConfig:
             raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
         if self.initial < 2:
             raise ValueError("initial must be at least 2 (a model needs two labels to train)")
-        self.train_cfg = TrainConfig(**self.train)
-        self.llal_cfg = LLALConfig(**self.llal)
+        self.train_cfg = _dataclass_from(TrainConfig, self.train, "train")
+        self.llal_cfg = _dataclass_from(LLALConfig, self.llal, "al.llal")
+        adapter_type = self.adapter.get("type", "classification")
+        ADAPTERS.import_from_location()
+        if ADAPTERS.get(adapter_type) is None:
+            known = ", ".join(sorted(ADAPTERS.module_dict))
+            raise KeyError(
+                f"unknown adapter {adapter_type!r} in adapter.type. Registered: {known}. If it "
+                "lives in your own module, add custom_imports=dict(imports=['your.module'])."
+            )
+        self.adapter = {**self.adapter, "type": adapter_type}
+        uses_ensemble = [
+            strategy_label(s) for s in self.strategies if _sampling_of(s) == "ensemble"
+        ]
+        if uses_ensemble and self.ensemble_size < 2:
+            raise ValueError(
+                f"strategies {uses_ensemble} score a deep ensemble, which needs "
+                f"ensemble_size >= 2 members; got ensemble_size={self.ensemble_size}"
+            )
+
+
+def _dataclass_from(cls: Any, values: dict[str, Any], where: str) -> Any:
+    """``cls(**values)`` with an error naming unknown keys and the accepted ones."""
+    accepted = list(cls.__dataclass_fields__)
+    unknown = sorted(set(values) - set(accepted))
+    if unknown:
+        hint = ""
+        if "stop_grad_epoch" in unknown:
+            hint = (
+                " (stop_grad_epoch was replaced by stop_grad_fraction, a fraction of the "
+                "schedule: 0.6 = the paper's 120 of 200 epochs)"
+            )
+        raise ValueError(f"{where} does not take {unknown}{hint}; it accepts {accepted}")
+    return cls(**values)
+
+
+def _sampling_of(spec: Any) -> str:
+    cfg = spec if isinstance(spec, str) else {k: v for k, v in spec.items() if k != "name"}
+    return build_strategy(cfg).sampling
 
 
 def strategy_label(cfg: Any) -> str:
@@ -156,9 +196,9 @@ class Simulation:
             if r < cfg.rounds:
                 t1 = time.perf_counter()
                 g = torch.Generator().manual_seed(_mix(seed, r, 1))
-                new = selector.select(adapter, self.pool, labeled, cfg.budget, g)
+                queries = selector.select(adapter, self.pool, labeled, cfg.budget, g)
                 select_seconds = time.perf_counter() - t1
-                labeled = labeled + new
+                labeled = labeled + [q.item for q in queries]
             curve.append(
                 {
                     "labeled": n_labeled,
@@ -180,8 +220,12 @@ class Simulation:
         for m in range(members):
             torch.manual_seed(_mix(seed, r, 0, m))
             model = build_model(copy.deepcopy(self.model_cfg))
-            adapter = ClassificationAdapter(
-                model, input_shape=self.input_shape, device=self.cfg.device, **self.cfg.adapter
+            adapter = build(
+                ADAPTERS,
+                dict(self.cfg.adapter),
+                model=model,
+                input_shape=self.input_shape,
+                device=self.cfg.device,
             )
             llal = None
             if use_llal:

@@ -1,4 +1,8 @@
-"""Diversity strategies: core-set (k-center greedy) and BADGE."""
+"""Diversity strategies: core-set (k-center greedy) and BADGE.
+
+Both work on one embedding per item (``[N, D]``), which grows with the pool's item count
+only, never with its pixel or anchor count.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ from taskal.types import PoolOutputs
 class CoreSet(QueryStrategy):
     """Core-set by greedy k-center in embedding space (Sener & Savarese, ICLR 2018).
 
-    Already-labeled items are the initial centers; memory stays ``O(N)`` (no ``N x N``).
+    Already-labeled items are the initial centers; memory stays ``O(N)`` in the candidates
+    and the labeled items alike (no ``N x N`` or ``N x L`` matrix).
     """
 
     requires = frozenset({"embeddings", "labeled_embeddings"})
@@ -30,31 +35,22 @@ class CoreSet(QueryStrategy):
         labeled = outputs.labeled_embeddings_LD
         if labeled is not None and labeled.shape[0] > 0:
             init = F.min_sq_dists(emb_ND, labeled.double().to(emb_ND.device))
-        picks = F.k_center_greedy(F.sq_dists_to(emb_ND), len(outputs), budget, init, generator)
-        return picks
+        return F.k_center_greedy(F.sq_dists_to(emb_ND), len(outputs), budget, init, generator)
 
 
 @QUERY_STRATEGIES.register_module(name="badge")
 class BADGE(QueryStrategy):
     """BADGE (Ash et al., ICLR 2020): k-means++ seeding on last-layer gradient embeddings.
 
-    Works on item-level predictions (one unit per item, as in classification).
+    Needs image-level softmax predictions (one unit per item, as in classification).
     """
 
-    requires = frozenset({"probs", "embeddings"})
+    requires = frozenset({"item_probs", "embeddings"})
 
     def select(
         self, outputs: PoolOutputs, budget: int, generator: torch.Generator | None = None
     ) -> Tensor:
-        p, emb_ND = outputs.predictions, outputs.embeddings_ND
-        if p is None or emb_ND is None:
-            raise ValueError("badge needs predictions and embeddings; none were gathered")
-        if p.num_units != len(outputs) or not torch.equal(
-            p.owner_U.cpu(), torch.arange(len(outputs))
-        ):
-            raise ValueError(
-                "badge needs exactly one prediction per item (image-level units, in item "
-                f"order); got {p.num_units} units for {len(outputs)} items"
-            )
-        probs_NC = F.check_probs(p.probs_UCK).mean(-1)
+        probs_NC, emb_ND = outputs.probs_NC, outputs.embeddings_ND
+        if probs_NC is None or emb_ND is None:
+            raise ValueError("badge needs item probabilities and embeddings; none were gathered")
         return F.badge_select(probs_NC, emb_ND.to(probs_NC.device), budget, generator)

@@ -7,52 +7,74 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from taskal.registry import QUERY_STRATEGIES, build
+from taskal.registry import QUERY_STRATEGIES
 from taskal.strategies.base import QueryStrategy, ScoreStrategy
-from taskal.types import PoolOutputs
+from taskal.types import BatchOutputs, PoolOutputs
+
+
+def _build_part(cfg: Any, role: str) -> QueryStrategy:
+    if isinstance(cfg, QueryStrategy):
+        return cfg
+    if isinstance(cfg, str):
+        cfg = {"type": cfg}
+    if not isinstance(cfg, dict):
+        raise TypeError(
+            f"two_stage's {role} stage must be a strategy name or a config dict, got {cfg!r}"
+        )
+    from taskal.selector import build_strategy
+
+    return build_strategy(cfg)
 
 
 @QUERY_STRATEGIES.register_module(name="two_stage")
 class TwoStage(QueryStrategy):
-    """Top-M candidates by an uncertainty score, then a diverse subset of them.
+    """Top-M candidates by a score strategy, then a diverse subset of them.
 
     The usual remedy for top-k picking near-duplicates (e.g. Kirsch et al. 2019 discuss the
     problem; "uncertainty pre-filter + core-set" follows Yin et al. 2017 / Ash et al. 2020).
 
     Args:
-        first: config of a :class:`ScoreStrategy` (default entropy) that keeps the top
-            ``M = candidates_factor * budget`` candidates.
-        second: config of the strategy that picks ``budget`` among them (default core-set).
+        first: a :class:`ScoreStrategy` name or config (default entropy) that keeps the top
+            ``M = candidates_factor * budget`` candidates; its ``n_samples`` is honoured.
+        second: the strategy that picks ``budget`` among them, by name or config (default
+            core-set); it must pick rather than score (core-set, BADGE, random).
         candidates_factor: ``M / budget`` (>= 1).
     """
 
     def __init__(
         self,
-        first: dict[str, Any] | None = None,
-        second: dict[str, Any] | None = None,
+        first: dict[str, Any] | str | None = None,
+        second: dict[str, Any] | str | None = None,
         candidates_factor: float = 5.0,
     ) -> None:
-        self.first = build(QUERY_STRATEGIES, first or {"type": "entropy"})
-        self.second = build(QUERY_STRATEGIES, second or {"type": "coreset"})
+        self.first = _build_part(first or "entropy", "first")
+        self.second = _build_part(second or "coreset", "second")
         if not isinstance(self.first, ScoreStrategy):
-            raise TypeError(
-                f"two_stage's first stage must score candidates (a ScoreStrategy), got "
-                f"{type(self.first).__name__}"
+            raise ValueError(
+                f"two_stage's first stage must score candidates (entropy, bald, llal, ...), "
+                f"got {type(self.first).__name__}"
             )
-        if self.second.sampling != "deterministic" and self.second.sampling != self.first.sampling:
-            raise ValueError("two_stage's stages must share one sampling mode")
-        if not candidates_factor >= 1:
-            raise ValueError(f"candidates_factor must be >= 1, got {candidates_factor!r}")
-        super().__init__(self.first.n_samples)
+        if isinstance(self.second, ScoreStrategy):
+            raise ValueError(
+                f"two_stage's second stage must pick a diverse subset (coreset, badge, random), "
+                f"got the score strategy {type(self.second).__name__}, which would ignore the "
+                "first stage"
+            )
+        if not isinstance(candidates_factor, (int, float)) or not candidates_factor >= 1:
+            raise ValueError(f"candidates_factor must be a number >= 1, got {candidates_factor!r}")
         self.candidates_factor = float(candidates_factor)
+        self.n_samples = self.first.n_samples
 
     @property
-    def sampling(self) -> str:  # type: ignore[override]
+    def sampling(self) -> str:
         return self.first.sampling
 
     @property
     def needs(self) -> frozenset[str]:
         return self.first.needs | self.second.needs
+
+    def score_batch(self, outputs: BatchOutputs) -> Tensor | None:
+        return self.first.score_batch(outputs)
 
     def select(
         self, outputs: PoolOutputs, budget: int, generator: torch.Generator | None = None

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from taskal.registry import QUERY_STRATEGIES
 from taskal.strategies.base import ScoreStrategy
-from taskal.types import PoolOutputs
+from taskal.types import BatchOutputs
 
 
 @QUERY_STRATEGIES.register_module(name="llal")
@@ -19,7 +19,7 @@ class LearningLoss(ScoreStrategy):
 
     requires = frozenset({"loss_pred"})
 
-    def score(self, outputs: PoolOutputs) -> Tensor:
-        if outputs.loss_pred_N is None:
+    def score_batch(self, outputs: BatchOutputs) -> Tensor:
+        if outputs.loss_pred_B is None:
             raise ValueError("llal needs predicted losses; none were gathered")
-        return outputs.loss_pred_N
+        return outputs.loss_pred_B

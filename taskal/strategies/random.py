@@ -7,14 +7,23 @@ from torch import Tensor
 
 from taskal.registry import QUERY_STRATEGIES
 from taskal.strategies.base import QueryStrategy
-from taskal.types import PoolOutputs
+from taskal.types import PoolOutputs, Predictions
 
 
 @QUERY_STRATEGIES.register_module(name="random")
 class RandomSampling(QueryStrategy):
-    """Pick ``budget`` candidates uniformly without replacement (from ``generator``)."""
+    """Pick ``budget`` candidates uniformly without replacement (from ``generator``).
+
+    For region queries every unit gets a uniform random score, so regions are drawn
+    uniformly too (with ``reduction="max"``).
+    """
 
     def select(
         self, outputs: PoolOutputs, budget: int, generator: torch.Generator | None = None
     ) -> Tensor:
         return torch.randperm(len(outputs), generator=generator)[:budget]
+
+    def region_unit_scores(
+        self, predictions: Predictions, generator: torch.Generator | None = None
+    ) -> Tensor:
+        return torch.rand(predictions.num_units, generator=generator)

@@ -1,15 +1,21 @@
 from __future__ import annotations
 
+import pickle
+import warnings
+
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 from taskal.adapters import ClassificationAdapter
 from taskal.adapters._hooks import capture_outputs
 from taskal.models import SmallCNN, torchvision_classifier
-from taskal.types import Batch
+from taskal.types import Batch, Units, as_levels
 
 from .conformance import AdapterConformance
+
+NO_DROPOUT = "ignore:.*has no dropout with p > 0"
 
 
 def _batch(channels: int = 1, size: int = 8, n: int = 4) -> Batch:
@@ -22,8 +28,8 @@ def _batch(channels: int = 1, size: int = 8, n: int = 4) -> Batch:
 
 
 class TestSmallCNN(AdapterConformance):
-    def make_adapter(self) -> ClassificationAdapter:
-        torch.manual_seed(0)
+    def make_adapter(self, seed: int = 0) -> ClassificationAdapter:
+        torch.manual_seed(seed)
         return ClassificationAdapter(SmallCNN(1, 3, width=8), input_shape=(1, 8, 8))
 
     def make_batch(self) -> Batch:
@@ -31,19 +37,38 @@ class TestSmallCNN(AdapterConformance):
 
     def test_feature_layers_found(self) -> None:
         info = self.make_adapter().feature_info
-        assert [(f.name, f.channels, f.stride) for f in info] == [
-            ("block1", 8, 1),
-            ("block2", 16, 2),
-            ("block3", 32, 4),
+        assert [(f.name, f.channels, f.strides, f.module) for f in info] == [
+            ("block1", 8, (1,), "block1"),
+            ("block2", 16, (2,), "block2"),
+            ("block3", 32, (4,), "block3"),
         ]
 
+    def test_list_inputs_are_stacked(self) -> None:
+        adapter, batch = self.make_adapter(), self.make_batch()
+        as_list = Batch(list(batch.inputs), batch.ids, batch.targets)
+        assert torch.equal(adapter.predict(as_list).probs_UCK, adapter.predict(batch).probs_UCK)
+        ragged = Batch([torch.rand(1, 8, 8), torch.rand(1, 9, 8)], ["a", "b"])
+        with pytest.raises(ValueError, match="same-size inputs"):
+            adapter.predict(ragged)
 
-@pytest.mark.filterwarnings("ignore:ResNet has no dropout layer")
+    def test_units_are_the_images(self) -> None:
+        adapter, batch = self.make_adapter(), self.make_batch()
+        pred = adapter.predict(batch)
+        assert torch.equal(pred.owner_U, torch.arange(4))
+        assert pred.unit_U is not None and torch.equal(
+            pred.unit_U, torch.zeros(4, dtype=torch.long)
+        )
+        wrong = Units(torch.arange(3), torch.zeros(3, dtype=torch.long))
+        with pytest.raises(ValueError, match="units do not match"):
+            adapter.predict(batch, units=wrong)
+
+
+@pytest.mark.filterwarnings(NO_DROPOUT)
 class TestTorchvisionResNet(AdapterConformance):
-    """A torchvision builder with no dropout: MC dropout is injected before ``fc``."""
+    """A torchvision builder with no dropout: dropout is added before ``fc``."""
 
-    def make_adapter(self) -> ClassificationAdapter:
-        torch.manual_seed(0)
+    def make_adapter(self, seed: int = 0) -> ClassificationAdapter:
+        torch.manual_seed(seed)
         model = torchvision_classifier("resnet18", num_classes=3, in_channels=1)
         return ClassificationAdapter(model, input_shape=(1, 32, 32))
 
@@ -53,13 +78,8 @@ class TestTorchvisionResNet(AdapterConformance):
     def test_resnet_stages_found(self) -> None:
         info = self.make_adapter().feature_info
         assert [f.name for f in info] == ["conv1", "layer1", "layer2", "layer3", "layer4"]
-        assert [f.stride for f in info] == [2, 4, 8, 16, 32]
+        assert [f.strides for f in info] == [(2,), (4,), (8,), (16,), (32,)]
         assert [f.channels for f in info] == [64, 64, 128, 256, 512]
-
-    def test_injected_dropout_warns(self) -> None:
-        adapter = self.make_adapter()
-        with pytest.warns(UserWarning, match="injecting dropout"):
-            adapter.predict(self.make_batch(), n_samples=2)
 
 
 class TestUserModule(AdapterConformance):
@@ -78,8 +98,8 @@ class TestUserModule(AdapterConformance):
             x = self.deep(torch.relu(self.down(torch.relu(self.stem(x)))))
             return self.head(self.drop(x.mean((2, 3))))
 
-    def make_adapter(self) -> ClassificationAdapter:
-        torch.manual_seed(0)
+    def make_adapter(self, seed: int = 0) -> ClassificationAdapter:
+        torch.manual_seed(seed)
         return ClassificationAdapter(
             self.Net(),
             input_shape=(1, 8, 8),
@@ -89,6 +109,110 @@ class TestUserModule(AdapterConformance):
 
     def make_batch(self) -> Batch:
         return _batch()
+
+
+class TinySwin(torchvision.models.SwinTransformer):
+    """torchvision's Swin, narrow and shallow: channels-last ``[B, H, W, C]`` stages."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            patch_size=[4, 4],
+            embed_dim=12,
+            depths=[1, 1],
+            num_heads=[1, 2],
+            window_size=[4, 4],
+            num_classes=3,
+        )
+
+
+@pytest.mark.filterwarnings(NO_DROPOUT)
+class TestChannelsLastSwin(AdapterConformance):
+    """Swin's stages are ``[B, H, W, C]``: features come permuted to ``[B, C, H, W]``."""
+
+    def make_adapter(self, seed: int = 0) -> ClassificationAdapter:
+        torch.manual_seed(seed)
+        return ClassificationAdapter(TinySwin(), input_shape=(3, 32, 32))
+
+    def make_batch(self) -> Batch:
+        g = torch.Generator().manual_seed(0)
+        return Batch(torch.rand(2, 3, 32, 32, generator=g), ["a", "b"], torch.tensor([0, 2]))
+
+    def make_bad_batch(self) -> Batch:
+        return Batch([torch.zeros(99, 32, 32)], ["bad"])
+
+    def test_channels_last_stages(self) -> None:
+        info = self.make_adapter().feature_info
+        assert [(f.name, f.channels, f.strides) for f in info] == [
+            ("features.1", 12, (4,)),
+            ("features", 24, (8,)),
+        ]
+
+
+@pytest.mark.filterwarnings(NO_DROPOUT)
+def test_swin_t_stage_widths_and_strides() -> None:
+    """torchvision's Swin-T: stages of 96, 192, 384, 768 channels at strides 4 to 32."""
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(weights=None, num_classes=3)
+    adapter = ClassificationAdapter(model, input_shape=(3, 32, 32))
+    assert [f.channels for f in adapter.feature_info] == [96, 192, 384, 768]
+    assert [f.strides for f in adapter.feature_info] == [(4,), (8,), (16,), (32,)]
+    feats = adapter.features(Batch(torch.rand(1, 3, 32, 32), ["x"]))
+    assert [tuple(as_levels(x)[0].shape) for x in feats.values()] == [
+        (1, 96, 8, 8),
+        (1, 192, 4, 4),
+        (1, 384, 2, 2),
+        (1, 768, 1, 1),
+    ]
+    explicit = ClassificationAdapter(
+        model, input_shape=(3, 32, 32), feature_layers=["features.1", "features.3"]
+    )
+    assert [(f.channels, f.strides) for f in explicit.feature_info] == [(96, (4,)), (192, (8,))]
+
+
+def test_dropout_added_at_construction_is_active_in_training() -> None:
+    """A model without dropout trains with the dropout that MC sampling later uses."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapter = ClassificationAdapter(model, input_shape=(3, 32, 32))
+    pooled, fc_in = [], []
+    model.avgpool.register_forward_hook(lambda _m, _i, out: pooled.append(out.flatten(1)))
+    model.fc.register_forward_pre_hook(lambda _m, args: fc_in.append(args[0]))
+    model.train()
+    model(torch.rand(8, 3, 32, 32))
+    live = pooled[0] != 0  # ReLU zeros are not dropout's
+    dropped = (fc_in[0] == 0) & live
+    assert 0.35 < float(dropped.sum() / live.sum()) < 0.65, "training drops the classifier input"
+    kept = live & ~dropped
+    assert torch.allclose(fc_in[0][kept], 2 * pooled[0][kept])  # scaled by 1 / (1 - p)
+    model.eval()
+    model(torch.rand(4, 3, 32, 32))
+    assert torch.equal(fc_in[1], pooled[1]), "no dropout in eval mode"
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "ResNet has no dropout with p > 0" in messages[0]
+    assert "dropout(p=0.5) on the classifier input" in messages[0]
+    batch = Batch(torch.rand(2, 3, 32, 32), ["a", "b"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, at construction
+        a, b = adapter.predict(batch), adapter.predict(batch)
+        samples = adapter.predict(batch, n_samples=3).probs_UCK
+    assert torch.equal(a.probs_UCK, b.probs_UCK)
+    assert not torch.allclose(samples[..., 0], samples[..., 1])
+    assert not model.training
+
+
+def test_dropout_is_added_once_per_model() -> None:
+    model = SmallCNN(1, 3, width=4, dropout=0.0)
+    with pytest.warns(UserWarning, match="no dropout with p > 0"):
+        ClassificationAdapter(model, input_shape=(1, 8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapter = ClassificationAdapter(model, input_shape=(1, 8, 8))
+    assert len(model.fc._forward_pre_hooks) == 1
+    pickle.loads(pickle.dumps(model))  # the added dropout keeps the model picklable
+    probs = adapter.predict(_batch(), n_samples=3).probs_UCK
+    assert not torch.allclose(probs[..., 0], probs[..., 1])
 
 
 def test_config_dict_builds_model() -> None:
@@ -101,14 +225,6 @@ def test_config_dict_builds_model() -> None:
 def test_input_shape_that_does_not_fit() -> None:
     with pytest.raises(ValueError, match=r"input_shape=\(3, 8, 8\) does not fit"):
         ClassificationAdapter(SmallCNN(1, 3, width=4), input_shape=(3, 8, 8))
-
-
-def test_zero_probability_dropout_is_not_mc_dropout() -> None:
-    model = SmallCNN(1, 3, width=4, dropout=0.0)
-    adapter = ClassificationAdapter(model, input_shape=(1, 8, 8))
-    with pytest.warns(UserWarning, match="no dropout layer with p > 0"):
-        probs = adapter.predict(_batch(), n_samples=3).probs_UCK
-    assert not torch.allclose(probs[..., 0], probs[..., 1])
 
 
 def test_bad_classifier_name() -> None:
@@ -127,14 +243,69 @@ def test_weights_download_refused() -> None:
         torchvision_classifier("resnet18", num_classes=3, weights="DEFAULT")
 
 
-def test_capture_gradients_flow() -> None:
-    model = SmallCNN(1, 3, width=4)
-    with capture_outputs(model, ["block2"]) as store:
-        model(torch.rand(2, 1, 8, 8)).sum().backward()
-    assert store["block2"].requires_grad
-    assert all(not m._forward_hooks for m in model.modules())
-
-
 def test_batch_ids_must_match() -> None:
     with pytest.raises(ValueError, match="one stable id per item"):
         Batch(torch.zeros(3, 1, 8, 8), ["a", "b"])
+
+
+# -- capture_outputs ----------------------------------------------------------------------
+class SharedHead(nn.Module):
+    """A head called once per level and a neck returning a tuple, as in RetinaNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.neck = Neck()
+        self.head = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.head(f) for f in self.neck(x)]
+
+
+class Neck(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return x, x[..., ::2, ::2], x[..., ::4, ::4]
+
+
+def test_capture_keeps_every_call_and_every_tuple_element() -> None:
+    model = SharedHead()
+    x = torch.rand(1, 2, 8, 8, requires_grad=True)
+    with capture_outputs(model, ["neck", "head"]) as store:
+        outs = model(x)
+    assert list(store) == ["neck", "head"]
+    head, neck = store["head"], store["neck"]
+    assert isinstance(head, tuple) and isinstance(neck, tuple)
+    assert [t.shape[-1] for t in head] == [8, 4, 2] == [t.shape[-1] for t in neck]
+    assert all(a is b for a, b in zip(head, outs, strict=True))
+    torch.stack([t.sum() for t in head]).sum().backward()  # gradients flow through captures
+    assert x.grad is not None and not model.head._forward_hooks
+
+
+def test_capture_single_level_is_a_tensor_and_clear_resets() -> None:
+    model = SmallCNN(1, 3, width=4)
+    with capture_outputs(model, {"mid": "block2"}) as store:
+        model(torch.rand(2, 1, 8, 8)).sum().backward()
+        mid = store["mid"]
+        assert isinstance(mid, torch.Tensor) and mid.requires_grad
+        with pytest.raises(TypeError):
+            store["mid"] = mid  # type: ignore[index]
+        store.clear()
+        assert len(store) == 0 and "mid" not in store
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_capture_removes_hooks_when_the_forward_fails() -> None:
+    model = SmallCNN(1, 3, width=4)
+    with pytest.raises(RuntimeError), capture_outputs(model, ["block1"]):
+        model(torch.rand(2, 5, 8, 8))
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_capture_refuses_an_output_without_tensors() -> None:
+    class Probe(nn.Module):
+        def forward(self, x: torch.Tensor) -> None:
+            return None
+
+    model = nn.Sequential(Probe())
+    with pytest.raises(TypeError, match="holding no tensor"), capture_outputs(model, ["0"]):
+        model(torch.rand(1))
+    assert not model[0]._forward_hooks

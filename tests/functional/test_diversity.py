@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from taskal import functional as F
@@ -24,6 +30,61 @@ def test_k_center_matches_brute_force() -> None:
     init = F.min_sq_dists(x, labeled)
     picks = F.k_center_greedy(F.sq_dists_to(x), len(x), 12, init)
     assert picks.tolist() == _brute_k_center(x, labeled, 12)
+
+
+@pytest.mark.parametrize("max_block", [1, 7, 64, 2**20])
+def test_min_sq_dists_blocks_match_cdist(max_block: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(53, 6, generator=g, dtype=torch.float64) * 3 + 1
+    centers = torch.randn(29, 6, generator=g, dtype=torch.float64) * 3 + 1
+    want = (x[:, None] - centers[None]).pow(2).sum(-1).min(1).values
+    got = F.min_sq_dists(x, centers, max_block=max_block)
+    assert torch.allclose(got, want, rtol=1e-10, atol=0)
+    assert F.min_sq_dists(x, x).abs().max() < 1e-9  # every row is its own center
+    assert F.min_sq_dists(x[:0], centers).shape == (0,)
+    assert torch.isinf(F.min_sq_dists(x, centers[:0])).all()  # no centers: infinitely far
+
+
+_RSS_SCRIPT = """
+import resource
+import torch
+from taskal.functional import min_sq_dists
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+g = torch.Generator().manual_seed(0)
+x = torch.randn(20000, 8, generator=g, dtype=torch.float64)
+centers = torch.randn(4000, 8, generator=g, dtype=torch.float64)
+min_sq_dists(x[:64], centers[:64])  # warm up kernels and thread pools
+before = peak_mb()
+min_sq_dists(x, centers)
+print(before, peak_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB on Linux")
+def test_min_sq_dists_memory_is_bounded() -> None:
+    """Core-set init on 20k candidates x 4k labeled must not build an [N, M] block (650 MB)."""
+    root = Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    before, after = map(float, run.stdout.split())
+    assert after - before < 150, (
+        f"peak RSS grew {after - before:.0f} MB ({before:.0f} -> {after:.0f})"
+    )
 
 
 def test_k_center_reads_one_distance_row_per_pick() -> None:

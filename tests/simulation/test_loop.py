@@ -144,3 +144,77 @@ def test_strategy_dict_without_type(data) -> None:  # type: ignore[no-untyped-de
     pool, test = data
     with pytest.raises(TypeError, match="'type' key"):
         Simulation(_cfg(strategies=[{"name": "x"}]), pool, test)
+
+
+def test_adapter_type_is_built_from_the_registry() -> None:
+    """Defect 8: a nonexistent adapter fails at once instead of running a classifier."""
+    with pytest.raises(KeyError, match=r"unknown adapter 'no_such_adapter'.*classification"):
+        _cfg(adapter={"type": "no_such_adapter"})
+
+
+def test_registered_adapter_is_used(data, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from taskal.adapters import ClassificationAdapter
+    from taskal.registry import ADAPTERS
+
+    @ADAPTERS.register_module(name="recording_classifier", force=True)
+    class Recording(ClassificationAdapter):
+        built = 0
+
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            Recording.built += 1
+
+    try:
+        pool, test = data
+        sim = Simulation(_cfg(adapter={"type": "recording_classifier"}), pool, test)
+        adapter = sim.train(sim.strategies[0][1], pool.ids[:10], seed=0, r=0)
+        assert isinstance(adapter, Recording) and Recording.built == 1
+    finally:
+        ADAPTERS.module_dict.pop("recording_classifier", None)
+
+
+@pytest.mark.parametrize("name", ["vote_entropy", "ensemble_kl"])
+def test_ensemble_of_one_fails_at_build(name: str) -> None:
+    """Defect 10: an ensemble strategy with ensemble_size=1 fails before any training."""
+    with pytest.raises(ValueError, match="ensemble_size >= 2"):
+        _cfg(strategies=[name], ensemble_size=1)
+
+
+def test_two_stage_stage_given_by_name_builds(data) -> None:  # type: ignore[no-untyped-def]
+    pool, test = data
+    cfg = _cfg(strategies=[{"type": "two_stage", "first": "entropy", "second": "coreset"}])
+    sim = Simulation(cfg, pool, test)
+    assert [label for label, _ in sim.strategies] == ["random", "two_stage"]
+
+
+def test_llal_stop_grad_is_a_fraction_of_the_schedule() -> None:
+    """Defect 3: the paper stops at 60 % of the schedule, whatever its length."""
+    from taskal.training import LLALConfig
+
+    cfg = LLALConfig()
+    assert cfg.stop_grad_epoch(200) == 120
+    assert cfg.stop_grad_epoch(15) == 9
+    assert cfg.stop_grad_epoch(5) == 3
+    with pytest.raises(ValueError, match="stop_grad_fraction"):
+        LLALConfig(stop_grad_fraction=1.5)
+    with pytest.raises(ValueError, match="replaced by stop_grad_fraction"):
+        _cfg(llal={"stop_grad_epoch": 9})
+
+
+def test_llal_training_detaches_after_the_fraction(data, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from taskal.llal import LossPredictionModule
+
+    flags: list[bool] = []
+    forward = LossPredictionModule.forward
+
+    def spy(self, feats, detach=False):  # type: ignore[no-untyped-def]
+        flags.append(detach)
+        return forward(self, feats, detach)
+
+    monkeypatch.setattr(LossPredictionModule, "forward", spy)
+    pool, test = data
+    train = {"epochs": 5, "min_epoch_items": 16, "batch_size": 16}
+    sim = Simulation(_cfg(strategies=["llal"], train=train), pool, test)
+    sim.train(sim.strategies[1][1], pool.ids[:16], seed=0, r=0)
+    # one step per epoch: detached from epoch 3 of 5 on (60 %)
+    assert flags == [False, False, False, True, True]

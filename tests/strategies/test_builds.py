@@ -8,7 +8,7 @@ import torch
 from taskal.selector import build_strategy
 from taskal.strategies import TwoStage
 
-from .template import make_outputs
+from .template import make_batch, pool_of, select
 
 
 def test_unknown_strategy_lists_registered() -> None:
@@ -23,8 +23,15 @@ def test_unknown_strategy_lists_registered() -> None:
         ({"type": "entropy", "n_samples": 0}, "positive integer"),
         ({"type": "entropy", "reduction": "median"}, "reduction"),
         ({"type": "two_stage", "candidates_factor": 0.5}, "candidates_factor"),
-        ({"type": "two_stage", "first": {"type": "coreset"}}, "ScoreStrategy"),
+        ({"type": "two_stage", "first": {"type": "coreset"}}, "must score candidates"),
+        ({"type": "two_stage", "second": "entropy"}, "diverse subset"),
+        ({"type": "two_stage", "first": 3}, "name or a config dict"),
         ({"type": "bald", "n_sample": 20}, "n_sample"),
+        # defect 2: arguments a strategy never uses are refused, not ignored
+        ({"type": "coreset", "n_samples": 20}, r"does not take \['n_samples'\]"),
+        ({"type": "random", "n_samples": 5}, r"does not take \['n_samples'\]"),
+        ({"type": "badge", "n_samples": 5}, r"does not take"),
+        ({"type": "llal", "reduction": "max"}, r"does not take"),
     ],
 )
 def test_bad_configs_fail_at_build(cfg: dict, match: str) -> None:  # type: ignore[type-arg]
@@ -32,30 +39,46 @@ def test_bad_configs_fail_at_build(cfg: dict, match: str) -> None:  # type: igno
         build_strategy(cfg)
 
 
+@pytest.mark.parametrize("name", ["entropy", "least_confidence", "margin"])
+def test_n_samples_is_honoured(name: str) -> None:
+    """Defect 2: entropy with n_samples=20 scores 20 MC-dropout samples, not one pass."""
+    assert build_strategy(name).sampling == "deterministic"
+    s = build_strategy({"type": name, "n_samples": 20})
+    assert s.sampling == "mc_dropout" and s.n_samples == 20
+
+
+def test_two_stage_honours_first_stage_samples_and_names() -> None:
+    """Defect 2 and 10: names for stages work; the first stage's n_samples drives sampling."""
+    s = build_strategy({"type": "two_stage", "first": "entropy", "second": "coreset"})
+    assert isinstance(s, TwoStage) and s.sampling == "deterministic"
+    s = build_strategy({"type": "two_stage", "first": {"type": "entropy", "n_samples": 8}})
+    assert s.sampling == "mc_dropout" and s.n_samples == 8
+
+
 def test_two_stage_with_badge_second() -> None:
-    out = make_outputs(n=30, k=1)
+    batch = make_batch(n=30, k=1)
     s = TwoStage(first={"type": "margin"}, second={"type": "badge"}, candidates_factor=3)
-    picks = s.select(out, 4, torch.Generator().manual_seed(0))
-    assert set(picks.tolist()) <= set(s.first.select(out, 12).tolist())
+    picks = select(s, batch, 4)
+    assert set(picks.tolist()) <= set(select(s.first, batch, 12).tolist())
     assert len(set(picks.tolist())) == 4
 
 
-def test_subset_keeps_units_in_position_order() -> None:
-    out = make_outputs(n=6, k=2)
-    assert out.predictions is not None and out.embeddings_ND is not None
+def test_subset_keeps_item_order() -> None:
+    s = build_strategy("entropy")
+    pool = pool_of(s, make_batch(n=6, k=2))
     positions = torch.tensor([4, 1, 5])
-    sub = out.subset(positions)
+    sub = pool.subset(positions)
     assert sub.ids == ["item4", "item1", "item5"]
-    assert sub.predictions is not None and sub.embeddings_ND is not None
-    assert sub.predictions.owner_U.tolist() == [0, 1, 2]
-    assert torch.equal(sub.predictions.probs_UCK, out.predictions.probs_UCK[positions])
-    assert torch.equal(sub.embeddings_ND, out.embeddings_ND[positions])
+    assert sub.scores_N is not None and pool.scores_N is not None
+    assert torch.equal(sub.scores_N, pool.scores_N[positions])
+    assert sub.embeddings_ND is not None and pool.embeddings_ND is not None
+    assert torch.equal(sub.embeddings_ND, pool.embeddings_ND[positions])
 
 
 def test_two_stage_picks_from_the_uncertain_top() -> None:
-    out = make_outputs(n=30, k=1)
+    batch = make_batch(n=30, k=1)
     s = TwoStage(first={"type": "entropy"}, second={"type": "coreset"}, candidates_factor=2)
-    picks = s.select(out, 5, torch.Generator().manual_seed(0))
-    top10 = set(s.first.select(out, 10).tolist())
+    picks = select(s, batch, 5)
+    top10 = set(select(s.first, batch, 10).tolist())
     assert set(picks.tolist()) <= top10 and len(set(picks.tolist())) == 5
     assert s.needs == {"probs", "embeddings", "labeled_embeddings"}

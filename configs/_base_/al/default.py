@@ -31,5 +31,6 @@ al = dict(
     rounds=10,  # selection rounds
     seeds=[0, 1, 2, 3, 4],
     ensemble_size=5,  # members trained for ensemble strategies
-    llal=dict(weight=1.0, margin=1.0, stop_grad_epoch=9, hidden=128),
+    # LLAL: the gradient into the model stops after 60 % of the schedule (the paper's 120/200).
+    llal=dict(weight=1.0, margin=1.0, stop_grad_fraction=0.6, hidden=128),
 )
