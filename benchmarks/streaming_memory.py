@@ -74,7 +74,8 @@ def run_variant(n: int, query: str, size: int, classes: int, batch_size: int) ->
     selector.select(adapter, warm, [], 1, torch.Generator().manual_seed(0))  # type: ignore[arg-type]
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    budget = 50 if query == "item" else 50.0 * 256  # 50 images, or 50 patches of 16x16
+    picks = min(50, n // 2)
+    budget = picks if query == "item" else picks * 256.0  # images, or patches of 16x16
     queries = selector.select(adapter, source, [], budget, torch.Generator().manual_seed(0))  # type: ignore[arg-type]
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

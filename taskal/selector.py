@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -77,25 +76,36 @@ def build_strategy(cfg: dict[str, Any] | str | QueryStrategy) -> QueryStrategy:
     return strategy
 
 
-@dataclass
 class _Stream:
-    """Per-item results accumulated over the batches."""
+    """Per-item results, written batch by batch into buffers sized for the whole pool.
 
-    scores: list[Tensor] = field(default_factory=list)
-    probs: list[Tensor] = field(default_factory=list)
-    embeds: list[Tensor] = field(default_factory=list)
-    losses: list[Tensor] = field(default_factory=list)
+    The buffers are allocated once (on the first batch that fills them), so scoring a pool
+    leaves no small allocation behind per batch: with glibc's allocator, such leftovers
+    between the large per-batch unit tensors keep freed heap memory resident, and peak RSS
+    would creep up with the number of batches.
+    """
+
+    def __init__(self, num_items: int) -> None:
+        self.num_items = num_items
+        self.fields: dict[str, Tensor] = {}
+
+    def write(self, name: str, start: int, values: Tensor) -> None:
+        values = values.detach().cpu()
+        buffer = self.fields.get(name)
+        if buffer is None:
+            shape = (self.num_items, *values.shape[1:])
+            dtype = torch.float64 if name == "scores" else values.dtype
+            buffer = self.fields[name] = torch.empty(shape, dtype=dtype)
+        buffer[start : start + values.shape[0]] = values
 
     def outputs(self, ids: list[ItemId]) -> PoolOutputs:
-        def cat(parts: list[Tensor]) -> Tensor | None:
-            return torch.cat(parts) if parts else None
-
+        get = self.fields.get
         return PoolOutputs(
             ids,
-            scores_N=cat(self.scores),
-            probs_NC=cat(self.probs),
-            embeddings_ND=cat(self.embeds),
-            loss_pred_N=cat(self.losses),
+            scores_N=get("scores"),
+            probs_NC=get("probs"),
+            embeddings_ND=get("embeds"),
+            loss_pred_N=get("losses"),
         )
 
 
@@ -259,7 +269,7 @@ class Selector:
                 "(taskal.adapters.EnsembleAdapter) of trained members"
             )
         n_samples = strategy.n_samples if strategy.sampling != "deterministic" else 1
-        acc = _Stream()
+        acc = _Stream(len(candidates))
         offset = 0
         total = -(-len(candidates) // self.batch_size)
         desc = f"scoring pool ({type(strategy).__name__})"
@@ -274,17 +284,22 @@ class Selector:
                 out.embeddings_BD = adapter.embed(batch).detach().cpu()
             if "loss_pred" in needs:
                 out.loss_pred_B = adapter.predict_loss(batch).detach().cpu()
-                acc.losses.append(out.loss_pred_B)
+                acc.write("losses", offset, out.loss_pred_B)
             if "item_probs" in needs:
-                acc.probs.append(_item_probs(out.predictions, len(batch), strategy))
+                acc.write("probs", offset, _item_probs(out.predictions, len(batch), strategy))
             if out.embeddings_BD is not None:
-                acc.embeds.append(out.embeddings_BD)
+                acc.write("embeds", offset, out.embeddings_BD)
             scores = strategy.score_batch(out)
             if scores is not None:
-                acc.scores.append(scores.detach().cpu().double())
+                acc.write("scores", offset, scores)
             if regions is not None and out.predictions is not None:
                 self._push_regions(regions, out.predictions, offset, candidates, state, generator)
             offset += len(batch)
+        if offset != len(candidates):
+            raise ValueError(
+                f"the item source yielded {offset} items for {len(candidates)} requested ids; "
+                "its batches(ids, batch_size) must yield every id once, in order"
+            )
         outputs = acc.outputs(list(candidates))
         if "labeled_embeddings" in needs:
             parts = [

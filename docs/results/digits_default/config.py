@@ -3,7 +3,7 @@ al = dict(
     budget=20,
     ensemble_size=5,
     initial=20,
-    llal=dict(hidden=128, margin=1.0, stop_grad_epoch=9, weight=1.0),
+    llal=dict(hidden=128, margin=1.0, stop_grad_fraction=0.6, weight=1.0),
     rounds=10,
     seeds=[
         0,

@@ -1,0 +1,153 @@
+"""Selection over the toy box and per-pixel adapters: region queries with costs, partial
+labels, sigmoid heads, ensembles whose members score the same boxes, and the bounded
+region buffer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import pytest
+import torch
+
+from taskal.adapters import EnsembleAdapter
+from taskal.selector import RegionBuffer, Selector
+from taskal.types import Batch, ItemId, LabelState
+
+from .adapters.toys import ToyBoxAdapter, ToyPixelAdapter
+
+
+class ImageList:
+    """Differently sized images with ground truth in dict data samples."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids: list[ItemId] = [f"scan_{i:02d}.png" for i in range(n)]
+        self.images = {}
+        self.samples = {}
+        for i, item in enumerate(self.ids):
+            h, w = 12 + 4 * (i % 3), 16 - 4 * (i % 2)
+            self.images[item] = torch.rand(3, h, w, generator=g)
+            self.samples[item] = {
+                "gt_sem_seg": torch.randint(0, 3, (h, w), generator=g),
+                "boxes": torch.tensor([[1.0, 1.0, 6.0, 6.0]]),
+                "labels": torch.tensor([0]),
+                "img_shape": (h, w),
+            }
+
+    def batches(self, ids: Sequence[ItemId], batch_size: int) -> Iterator[Batch]:
+        ids = list(ids)
+        for start in range(0, len(ids), batch_size):
+            part = ids[start : start + batch_size]
+            yield Batch(
+                [self.images[i] for i in part], part, None, [dict(self.samples[i]) for i in part]
+            )
+
+
+def _pixel() -> ToyPixelAdapter:
+    torch.manual_seed(0)
+    return ToyPixelAdapter(num_classes=3, width=4, patch=4)
+
+
+def _box(kind: str = "softmax", seed: int = 0) -> ToyBoxAdapter:
+    torch.manual_seed(seed)
+    return ToyBoxAdapter(num_classes=1 if kind == "sigmoid" else 2, kind=kind, score_thr=0.0)
+
+
+@pytest.mark.parametrize("name", ["entropy", "margin", "random", {"type": "bald", "n_samples": 3}])
+def test_patch_queries_fit_the_pixel_budget(name: object) -> None:
+    source = ImageList(6)
+    selector = Selector(name, batch_size=4, progress=False, query="region")  # type: ignore[arg-type]
+    queries = selector.select(_pixel(), source, [], 100.0, torch.Generator().manual_seed(0))
+    assert queries and sum(q.cost for q in queries) <= 100.0
+    assert all(q.region is not None and q.cost <= 16 for q in queries)
+    assert len({(q.item, q.region) for q in queries}) == len(queries)
+    scores = [q.score for q in queries]
+    if name != "random":
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_region_queries_skip_labeled_regions_and_full_items() -> None:
+    source = ImageList(5)
+    adapter = _pixel()
+    selector = Selector("entropy", batch_size=2, progress=False, query="region")
+    state = LabelState(full={source.ids[0]})
+    first = selector.select(adapter, source, state, 64.0)
+    state.add(first)
+    second = selector.select(adapter, source, state, 64.0)
+    assert not {(q.item, q.region) for q in first} & {(q.item, q.region) for q in second}
+    assert source.ids[0] not in {q.item for q in first + second}
+    assert state.partial and all(state.regions_of(q.item) for q in first)
+
+
+def test_box_regions_are_the_boxes() -> None:
+    source = ImageList(4)
+    adapter = _box()
+    queries = Selector("entropy", progress=False, query="region").select(adapter, source, [], 5.0)
+    assert len(queries) == 5 and all(q.cost == 1.0 for q in queries)
+    batch = next(source.batches([queries[0].item], 1))
+    pred = adapter.predict(batch)
+    boxes = {tuple(b) for b in pred.boxes_U4.tolist()}  # type: ignore[union-attr]
+    assert queries[0].box is not None and tuple(queries[0].box) in boxes
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("name", ["entropy", "least_confidence", {"type": "bald", "n_samples": 4}])
+def test_item_queries_over_boxes(kind: str, name: object) -> None:
+    source = ImageList(7)
+    queries = Selector(
+        name, batch_size=3, progress=False
+    ).select(  # type: ignore[arg-type]
+        _box(kind), source, source.ids[:2], 3, torch.Generator().manual_seed(1)
+    )
+    assert len({q.item for q in queries}) == 3 and not {q.item for q in queries} & set(
+        source.ids[:2]
+    )
+
+
+def test_ensemble_of_detectors_scores_one_set_of_boxes() -> None:
+    source = ImageList(4)
+    ensemble = EnsembleAdapter([_box(seed=s) for s in range(3)])
+    queries = Selector("ensemble_kl", progress=False, query="region").select(
+        ensemble, source, [], 4.0
+    )
+    assert len(queries) == 4 and all(q.score >= 0 for q in queries)
+
+
+def test_region_budget_larger_than_the_pool() -> None:
+    source = ImageList(2)
+    with pytest.raises(ValueError, match="larger than the unlabeled regions' total cost"):
+        Selector("entropy", progress=False, query="region").select(_pixel(), source, [], 1e6)
+
+
+@pytest.mark.parametrize("name", ["coreset", "badge", "llal", "hybrid"])
+def test_strategies_without_unit_scores_refuse_region_queries(name: str) -> None:
+    with pytest.raises(ValueError, match="cannot rank regions"):
+        Selector(name, query="region")
+
+
+def test_unknown_query_kind() -> None:
+    with pytest.raises(ValueError, match="unknown query kind 'pixels'"):
+        Selector("entropy", query="pixels")
+
+
+def test_badge_refuses_box_units() -> None:
+    with pytest.raises(ValueError, match="one prediction per item"):
+        Selector("badge", progress=False).select(_box(), ImageList(4), [], 2)
+
+
+def test_region_buffer_keeps_only_what_the_budget_can_spend() -> None:
+    g = torch.Generator().manual_seed(0)
+    buffer = RegionBuffer(keep_cost=10.0)
+    for _ in range(50):
+        n = 100
+        buffer.push(
+            torch.rand(n, generator=g),
+            torch.randint(0, 1000, (n,), generator=g),
+            torch.arange(n),
+            torch.full((n,), 2.0),
+            torch.full((n, 4), float("nan")),
+            g,
+        )
+        assert len(buffer.score) <= 6  # 5 regions of cost 2 reach 10, one more at most
+    assert buffer.total_cost == 50 * 100 * 2.0
+    assert bool((buffer.score[buffer.order()].diff() <= 0).all())
