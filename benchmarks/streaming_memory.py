@@ -132,7 +132,8 @@ def main() -> None:
                 f"{r['growth_mb']:.1f} |"
             )
         ratio = rows[large]["peak_mb"] / rows[small]["peak_mb"]
-        print(f"| {query} | ratio {large:,} / {small:,} | | {ratio:.3f} | |")
+        growth = rows[large]["growth_mb"] / max(rows[small]["growth_mb"], 1e-9)
+        print(f"| {query} | ratio {large:,} / {small:,} | | {ratio:.3f} | {growth:.2f} |")
 
 
 if __name__ == "__main__":

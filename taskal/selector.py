@@ -24,6 +24,7 @@ from taskal.functional import check_budget, check_probs, reduce_regions
 from taskal.registry import QUERY_STRATEGIES, build
 from taskal.strategies.base import QueryStrategy
 from taskal.types import (
+    META_KEYS,
     Adapter,
     Batch,
     BatchOutputs,
@@ -110,15 +111,21 @@ class _Stream:
 
 
 class RegionBuffer:
-    """The best regions seen so far: enough of them to spend ``keep_cost`` of budget.
+    """The best regions seen so far that the budget could buy.
 
-    Rows are ranked by score, ties by a random key from the selection's generator. Memory
-    is bounded by the budget, not by the pool.
+    Regions costing more than the budget are counted but never kept; of the rest, the
+    best are kept until their cost adds up to twice the budget (the greedy fill skips
+    regions that no longer fit, so it needs some slack). Rows are ranked by score, ties by
+    a random key from the selection's generator. Memory is bounded by the budget over the
+    cheapest region's cost, not by the pool.
     """
 
-    def __init__(self, keep_cost: float) -> None:
-        self.keep_cost = keep_cost
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+        self.keep_cost = 2.0 * budget
         self.total_cost = 0.0
+        self.min_cost = math.inf
+        self.affordable = 0
         self.score = torch.zeros(0, dtype=torch.float64)
         self.tie = torch.zeros(0, dtype=torch.float64)
         self.item = torch.zeros(0, dtype=torch.long)
@@ -135,13 +142,19 @@ class RegionBuffer:
         box: Tensor,
         generator: torch.Generator,
     ) -> None:
+        """Add regions (``[R]`` each, ``box`` ``[R, 4]``) and drop all but the best."""
+        cost = cost.double()
         self.total_cost += float(cost.sum())
-        self.score = torch.cat([self.score, score.double()])
-        self.tie = torch.cat([self.tie, torch.rand(len(score), generator=generator).double()])
-        self.item = torch.cat([self.item, item.long()])
-        self.region = torch.cat([self.region, region.long()])
-        self.cost = torch.cat([self.cost, cost.double()])
-        self.box = torch.cat([self.box, box.double()])
+        if len(cost):
+            self.min_cost = min(self.min_cost, float(cost.min()))
+        fits = cost <= self.budget + 1e-9
+        self.affordable += int(fits.sum())
+        self.score = torch.cat([self.score, score.double()[fits]])
+        self.tie = torch.cat([self.tie, torch.rand(len(score), generator=generator).double()[fits]])
+        self.item = torch.cat([self.item, item.long()[fits]])
+        self.region = torch.cat([self.region, region.long()[fits]])
+        self.cost = torch.cat([self.cost, cost[fits]])
+        self.box = torch.cat([self.box, box.double()[fits]])
         order = self.order()
         cum = torch.cumsum(self.cost[order], 0)
         keep = int(torch.searchsorted(cum, torch.tensor([self.keep_cost], dtype=cum.dtype))) + 1
@@ -165,6 +178,8 @@ class Selector:
         query: ``"item"`` (label whole images; the budget counts items) or ``"region"``
             (label regions: boxes, superpixels, patches, as the adapter's ``region_U``
             defines them; the budget counts annotation cost, ``cost_U`` summed per region).
+        keep_meta: metainfo keys of your own that adapters may see during selection, on top
+            of :data:`taskal.types.META_KEYS` (everything else in a data sample is stripped).
     """
 
     def __init__(
@@ -173,15 +188,18 @@ class Selector:
         batch_size: int = 256,
         progress: bool = True,
         query: str = "item",
+        keep_meta: Collection[str] = (),
     ) -> None:
         self.strategy = build_strategy(strategy)
+        self.keep_meta = META_KEYS | frozenset(keep_meta)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if query not in QUERY_KINDS:
             raise ValueError(f"unknown query kind {query!r}; choose one of {QUERY_KINDS}")
         if query == "region":
             probe = Predictions(torch.full((1, 2, 1), 0.5), torch.zeros(1, dtype=torch.long))
-            self.strategy.region_unit_scores(probe)  # raises for strategies without units
+            # raises for strategies without unit scores
+            self.strategy.region_unit_scores(probe, torch.Generator())
         self.batch_size = batch_size
         self.progress = progress
         self.query = query
@@ -224,7 +242,8 @@ class Selector:
             check_budget(1, 0)
         elif not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
             raise ValueError(f"budget must be a positive annotation cost, got {budget!r}")
-        labeled_ids = [i for i in source.ids if i in state.items()]
+        labeled_set = state.items()
+        labeled_ids = [i for i in source.ids if i in labeled_set]
         # MC-dropout masks come from torch's global RNG: seed it from the generator inside a
         # forked RNG state, so the same generator gives the same picks and the caller's
         # global state is untouched.
@@ -232,7 +251,7 @@ class Selector:
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            buffer = RegionBuffer(2.0 * float(budget)) if self.query == "region" else None
+            buffer = RegionBuffer(float(budget)) if self.query == "region" else None
             outputs = self.stream(
                 adapter, source, candidates, labeled_ids, buffer, state, generator
             )
@@ -262,7 +281,10 @@ class Selector:
         :meth:`Batch.without_labels` first.
         """
         strategy = self.strategy
-        needs = strategy.needs | ({"probs"} if regions is not None else set())
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        # region queries rank regions, so they need unit probabilities and no item scores
+        needs = strategy.needs if regions is None else frozenset({"probs"})
         if strategy.sampling == "ensemble" and not hasattr(adapter, "members"):
             raise ValueError(
                 f"{type(strategy).__name__} scores a deep ensemble: pass an EnsembleAdapter "
@@ -275,7 +297,14 @@ class Selector:
         desc = f"scoring pool ({type(strategy).__name__})"
         batches = source.batches(candidates, self.batch_size)
         for batch in tqdm(batches, desc=desc, total=total, disable=not self.progress, leave=False):
-            batch = batch.without_labels()
+            expected = candidates[offset : offset + len(batch)]
+            if list(batch.ids) != list(expected):
+                raise ValueError(
+                    "the item source yielded ids out of order (at position "
+                    f"{offset}); its batches(ids, batch_size) must yield the requested ids "
+                    "in the requested order"
+                )
+            batch = batch.without_labels(self.keep_meta)
             out = BatchOutputs(list(batch.ids))
             if needs & {"probs", "item_probs"}:
                 out.predictions = adapter.predict(batch, n_samples=n_samples)
@@ -289,21 +318,20 @@ class Selector:
                 acc.write("probs", offset, _item_probs(out.predictions, len(batch), strategy))
             if out.embeddings_BD is not None:
                 acc.write("embeds", offset, out.embeddings_BD)
-            scores = strategy.score_batch(out)
-            if scores is not None:
-                acc.write("scores", offset, scores)
             if regions is not None and out.predictions is not None:
                 self._push_regions(regions, out.predictions, offset, candidates, state, generator)
+            elif (scores := strategy.score_batch(out)) is not None:
+                acc.write("scores", offset, scores)
             offset += len(batch)
         if offset != len(candidates):
             raise ValueError(
                 f"the item source yielded {offset} items for {len(candidates)} requested ids; "
-                "its batches(ids, batch_size) must yield every id once, in order"
+                "its batches(ids, batch_size) must yield the requested ids in the requested order"
             )
         outputs = acc.outputs(list(candidates))
         if "labeled_embeddings" in needs:
             parts = [
-                adapter.embed(b.without_labels()).detach().cpu()
+                adapter.embed(b.without_labels(self.keep_meta)).detach().cpu()
                 for b in source.batches(labeled, self.batch_size)
             ]
             dim = outputs.embeddings_ND.shape[1] if outputs.embeddings_ND is not None else 0
@@ -317,35 +345,32 @@ class Selector:
         offset: int,
         candidates: Sequence[ItemId],
         state: LabelState | None,
-        generator: torch.Generator | None,
+        generator: torch.Generator,
     ) -> None:
-        g = generator if generator is not None else torch.Generator().manual_seed(0)
-        scores_U = self.strategy.region_unit_scores(p, g).detach().cpu().double()
+        strategy = self.strategy
+        scores_U = strategy.region_unit_scores(p, generator).detach().cpu().double()
         owner_U, region_U = p.owner_U.cpu(), p.regions().cpu()
-        reduction = getattr(self.strategy, "reduction", "max")
         owner_R, region_R, score_R, cost_R = reduce_regions(
-            scores_U, owner_U, region_U, p.costs().cpu().double(), reduction
+            scores_U, owner_U, region_U, p.costs().detach().cpu().double(), strategy.reduction
         )
-        box_R4 = _region_boxes(p, owner_R, region_R)
-        if state is not None and state.partial:
-            done = torch.tensor(
-                [
-                    int(r) in state.regions_of(candidates[offset + int(o)])
-                    for o, r in zip(owner_R.tolist(), region_R.tolist(), strict=True)
-                ],
-                dtype=torch.bool,
+        score_R = strategy.region_scores(score_R, generator)
+        if not bool((cost_R > 0).all()):
+            raise ValueError(
+                "every region needs a positive annotation cost; the adapter's cost_U gave a "
+                "region of cost <= 0"
             )
-            keep = ~done
-            owner_R, region_R, score_R, cost_R = (
-                owner_R[keep],
-                region_R[keep],
-                score_R[keep],
-                cost_R[keep],
-            )
-            box_R4 = box_R4[keep]
         if not torch.isfinite(score_R).all():
-            raise ValueError(f"{type(self.strategy).__name__} gave NaN/inf region scores")
-        buffer.push(score_R, owner_R + offset, region_R, cost_R, box_R4, g)
+            raise ValueError(f"{type(strategy).__name__} gave NaN/inf region scores")
+        keep = _not_labeled(owner_R, region_R, offset, candidates, state)
+        box_R4 = _region_boxes(p, owner_R, region_R)
+        buffer.push(
+            score_R[keep],
+            owner_R[keep] + offset,
+            region_R[keep],
+            cost_R[keep],
+            box_R4[keep],
+            generator,
+        )
 
     def _pick_regions(
         self, buffer: RegionBuffer, candidates: Sequence[ItemId], budget: float
@@ -354,6 +379,11 @@ class Selector:
             raise ValueError(
                 f"budget {budget:g} is larger than the unlabeled regions' total cost "
                 f"({buffer.total_cost:g}); lower the budget or add items to the pool."
+            )
+        if buffer.affordable == 0:
+            raise ValueError(
+                f"every unlabeled region costs more than the budget {budget:g} (the cheapest "
+                f"costs {buffer.min_cost:g}); raise the budget or use smaller regions."
             )
         queries, spent = [], 0.0
         for i in buffer.order().tolist():
@@ -400,6 +430,29 @@ def _item_probs(p: Predictions | None, num_items: int, strategy: QueryStrategy) 
             f"order); got {p.num_units} units for {num_items} items"
         )
     return p.probs_UCK.mean(-1).detach().cpu()
+
+
+def _not_labeled(
+    owner_R: Tensor,
+    region_R: Tensor,
+    offset: int,
+    candidates: Sequence[ItemId],
+    state: LabelState | None,
+) -> Tensor:
+    """``[R]`` True for regions not yet labeled (vectorised over the batch's regions)."""
+    keep = torch.ones(len(owner_R), dtype=torch.bool)
+    if state is None or not state.partial or len(owner_R) == 0:
+        return keep
+    span = int(region_R.max()) + 1
+    done = [
+        o * span + r
+        for o in torch.unique(owner_R).tolist()
+        for r in state.regions_of(candidates[offset + o])
+        if r < span
+    ]
+    if done:
+        keep &= ~torch.isin(owner_R * span + region_R, torch.tensor(done, dtype=torch.long))
+    return keep
 
 
 def _region_boxes(p: Predictions, owner_R: Tensor, region_R: Tensor) -> Tensor:

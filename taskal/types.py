@@ -43,7 +43,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -56,19 +56,35 @@ FeatureMap = Tensor | tuple[Tensor, ...]
 
 PROB_KINDS = ("softmax", "sigmoid")
 
-#: keys of a torchvision target dict (or a plain dict sample) that hold ground truth.
-LABEL_KEYS = frozenset({"boxes", "labels", "masks", "keypoints", "area", "iscrowd", "targets"})
+#: metainfo an adapter may see during selection (an allowlist: everything else in a data
+#: sample, ground truth and label-file paths such as mmseg's ``seg_map_path`` included, is
+#: stripped). ``Selector(keep_meta=...)`` adds keys of your own, e.g. a scan's ``spacing``.
+META_KEYS = frozenset(
+    {
+        "img_id",
+        "image_id",
+        "img_path",
+        "ori_shape",
+        "img_shape",
+        "pad_shape",
+        "batch_input_shape",
+        "scale_factor",
+        "flip",
+        "flip_direction",
+        "homography_matrix",
+    }
+)
 
 
-def _strip_sample(sample: Any) -> Any:
-    """A data sample with its ground truth removed (metainfo such as sizes is kept)."""
+def _strip_sample(sample: Any, keep: Collection[str] = META_KEYS) -> Any:
+    """A data sample reduced to the allowed metainfo (no ground truth, no label paths)."""
     if sample is None:
         return None
     if isinstance(sample, Mapping):
-        return {k: v for k, v in sample.items() if k not in LABEL_KEYS and not k.startswith("gt_")}
+        return {k: v for k, v in sample.items() if k in keep}
     metainfo_items = getattr(sample, "metainfo_items", None)
     if callable(metainfo_items):  # an mmengine BaseDataElement (DetDataSample, SegDataSample)
-        return type(sample)(metainfo=dict(metainfo_items()))
+        return type(sample)(metainfo={k: v for k, v in metainfo_items() if k in keep})
     raise TypeError(
         f"cannot strip labels from a {type(sample).__name__} data sample; use an mmengine "
         "data element (DetDataSample, SegDataSample) or a dict"
@@ -112,11 +128,12 @@ class Batch:
         """``(H, W)`` of every input."""
         return [(int(x.shape[-2]), int(x.shape[-1])) for x in self.inputs]
 
-    def without_labels(self) -> Batch:
-        """The same items with ``targets`` dropped and ground truth stripped from samples."""
+    def without_labels(self, keep: Collection[str] = META_KEYS) -> Batch:
+        """The same items with ``targets`` dropped and data samples reduced to the metainfo
+        keys in ``keep`` (:data:`META_KEYS` by default): no ground truth, no label paths."""
         samples = None
         if self.data_samples is not None:
-            samples = [_strip_sample(s) for s in self.data_samples]
+            samples = [_strip_sample(s, keep) for s in self.data_samples]
         return Batch(self.inputs, self.ids, None, samples)
 
     def to(self, device: torch.device | str) -> Batch:
@@ -540,7 +557,7 @@ def check_unit_alignment(reference: Units, other: Units, who: str) -> None:
 
 
 __all__ = [
-    "LABEL_KEYS",
+    "META_KEYS",
     "PROB_KINDS",
     "Adapter",
     "Batch",

@@ -144,18 +144,51 @@ def test_labels_never_reach_the_adapter(name: str, pool: TensorPool) -> None:
 
 def test_without_labels_strips_data_samples() -> None:
     from mmdet.structures import DetDataSample
-    from mmengine.structures import InstanceData
+    from mmengine.structures import InstanceData, PixelData
+    from mmseg.structures import SegDataSample
 
     sample = DetDataSample(metainfo={"img_shape": (8, 8), "img_id": 3})
     sample.gt_instances = InstanceData(bboxes=torch.rand(2, 4), labels=torch.tensor([0, 1]))
-    plain = {"boxes": torch.rand(1, 4), "labels": torch.tensor([1]), "image_id": 5}
-    batch = Batch([torch.rand(3, 8, 8), torch.rand(3, 6, 9)], ["a", "b"], None, [sample, plain])
+    seg = SegDataSample(metainfo={"img_shape": (6, 9), "seg_map_path": "gt/a.png"})
+    seg.gt_sem_seg = PixelData(data=torch.zeros(1, 6, 9))
+    plain = {"boxes": torch.rand(1, 4), "labels": torch.tensor([1]), "label": 3, "image_id": 5}
+    images = [torch.rand(3, 8, 8), torch.rand(3, 6, 9), torch.rand(3, 5, 5)]
+    batch = Batch(images, ["a", "b", "c"], None, [sample, seg, plain])
     clean = batch.without_labels()
     assert clean.data_samples is not None
-    stripped, stripped_plain = clean.data_samples
+    stripped, stripped_seg, stripped_plain = clean.data_samples
     assert "gt_instances" not in stripped and stripped.metainfo["img_id"] == 3
+    assert "gt_sem_seg" not in stripped_seg and "seg_map_path" not in stripped_seg.metainfo
+    assert stripped_seg.metainfo["img_shape"] == (6, 9)
     assert stripped_plain == {"image_id": 5}
     assert "gt_instances" in sample, "the original sample is untouched"
+    kept = batch.without_labels(keep={"seg_map_path"}).data_samples
+    assert kept is not None and kept[1].metainfo == {"seg_map_path": "gt/a.png"}
+
+
+class _CountingAdapter(ClassificationAdapter):
+    calls: list[int]
+
+    def predict(self, batch: Batch, n_samples: int = 1, units: Units | None = None) -> Predictions:
+        self.calls.append(n_samples)
+        return super().predict(batch, n_samples, units)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"type": "entropy", "n_samples": 20},
+        {"type": "margin", "n_samples": 20},
+        {"type": "two_stage", "first": {"type": "least_confidence", "n_samples": 20}},
+    ],
+)
+def test_n_samples_reaches_the_adapter(cfg: dict, pool: TensorPool) -> None:  # type: ignore[type-arg]
+    """Defect 2: the MC samples a strategy asks for are the samples the adapter draws."""
+    torch.manual_seed(0)
+    adapter = _CountingAdapter(SmallCNN(1, 3, width=4), input_shape=(1, 8, 8))
+    adapter.calls = []
+    Selector(cfg, batch_size=16, progress=False).select(adapter, pool, [], 3)
+    assert adapter.calls == [20, 20]
 
 
 def test_no_generator_is_reproducible_and_leaves_global_rng(pool: TensorPool) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from taskal.adapters import EnsembleAdapter
 from taskal.selector import RegionBuffer, Selector
-from taskal.types import Batch, ItemId, LabelState
+from taskal.types import Batch, ItemId, LabelState, Predictions, Units
 
 from .adapters.toys import ToyBoxAdapter, ToyPixelAdapter
 
@@ -137,7 +137,7 @@ def test_badge_refuses_box_units() -> None:
 
 def test_region_buffer_keeps_only_what_the_budget_can_spend() -> None:
     g = torch.Generator().manual_seed(0)
-    buffer = RegionBuffer(keep_cost=10.0)
+    buffer = RegionBuffer(budget=5.0)  # keeps regions worth twice the budget
     for _ in range(50):
         n = 100
         buffer.push(
@@ -151,3 +151,54 @@ def test_region_buffer_keeps_only_what_the_budget_can_spend() -> None:
         assert len(buffer.score) <= 6  # 5 regions of cost 2 reach 10, one more at most
     assert buffer.total_cost == 50 * 100 * 2.0
     assert bool((buffer.score[buffer.order()].diff() <= 0).all())
+
+
+def test_regions_dearer_than_the_budget_are_never_kept() -> None:
+    g = torch.Generator().manual_seed(0)
+    buffer = RegionBuffer(budget=10.0)
+    cost = torch.tensor([50.0, 50.0, 4.0, 4.0, 4.0])
+    score = torch.tensor([9.0, 8.0, 1.0, 0.5, 0.2])
+    buffer.push(score, torch.arange(5), torch.zeros(5), cost, torch.zeros(5, 4), g)
+    assert buffer.affordable == 3 and buffer.cost.tolist() == [4.0, 4.0, 4.0]
+
+
+def test_budget_below_every_region_cost_is_an_error() -> None:
+    torch.manual_seed(0)
+    adapter = ToyPixelAdapter(num_classes=3, width=4, patch=16)  # one region per image
+    with pytest.raises(ValueError, match="every unlabeled region costs more than the budget"):
+        Selector("entropy", progress=False, query="region").select(adapter, ImageList(3), [], 40.0)
+
+
+class _TwoRegions:
+    """One item: region 0 holds 50 units, region 1 holds one; each region costs 1."""
+
+    def __init__(self) -> None:
+        self.ids: list[ItemId] = ["only"]
+
+    def batches(self, ids: Sequence[ItemId], batch_size: int) -> Iterator[Batch]:
+        yield Batch(torch.zeros(1, 1, 2, 2), list(ids))
+
+    def predict(self, batch: Batch, n_samples: int = 1, units: Units | None = None) -> Predictions:
+        region = torch.tensor([0] * 50 + [1])
+        cost = torch.where(region == 0, 1 / 50, 1.0)
+        probs = torch.full((51, 2, n_samples), 0.5)
+        return Predictions(probs, torch.zeros(51, dtype=torch.long), region_U=region, cost_U=cost)
+
+
+def test_random_regions_are_uniform_whatever_their_size() -> None:
+    source = _TwoRegions()
+    selector = Selector("random", progress=False, query="region")
+    picks = [
+        selector.select(source, source, [], 1.0, torch.Generator().manual_seed(seed))[0].region  # type: ignore[arg-type]
+        for seed in range(200)
+    ]
+    assert 70 <= picks.count(1) <= 130  # the one-unit region about half the time
+
+
+def test_a_source_that_reorders_ids_is_refused() -> None:
+    class Shuffled(ImageList):
+        def batches(self, ids: Sequence[ItemId], batch_size: int) -> Iterator[Batch]:
+            yield from super().batches(list(ids)[::-1], batch_size)
+
+    with pytest.raises(ValueError, match="out of order"):
+        Selector("entropy", progress=False).select(_pixel(), Shuffled(4), [], 1)

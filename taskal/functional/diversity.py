@@ -90,7 +90,8 @@ def k_center_greedy(
         budget: how many to pick, ``<= N``.
         init_min_dist_N: squared distance of every candidate to its nearest already-labeled
             point; ``None`` when nothing is labeled (the first pick is then random).
-        generator: randomness for the first pick only.
+        generator: randomness for the first pick and for breaking ties between equally
+            distant points.
 
     Returns:
         ``[budget]`` long indices into the candidates, in pick order, unique.
@@ -104,9 +105,12 @@ def k_center_greedy(
         picks = []
     chosen = torch.zeros(num_points, dtype=torch.bool, device=min_dist_N.device)
     chosen[picks] = True
+    # ties (duplicate embeddings) go to a random priority, not to the first in pool order
+    priority_N = torch.rand(num_points, generator=generator).to(min_dist_N.device)
     while len(picks) < budget:
         masked = min_dist_N.masked_fill(chosen, -1.0)
-        j = int(masked.argmax())
+        best = masked.max()
+        j = int(torch.where(masked == best, priority_N, -1.0).argmax())
         picks.append(j)
         chosen[j] = True
         min_dist_N = torch.minimum(min_dist_N, dist_to(j))

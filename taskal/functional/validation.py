@@ -46,24 +46,29 @@ def check_probs(probs_UCK: Tensor, kind: str = "softmax", atol: float = 1e-3) ->
         )
     if probs_UCK.numel() == 0:
         return probs_UCK
-    if not torch.isfinite(probs_UCK).all():
+    # two passes over the data: class sums (a NaN or inf anywhere makes their total
+    # non-finite) and the value range; the slow diagnostics run only on failure.
+    sums_UK = probs_UCK.sum(dim=1)
+    bad = 0
+    if not bool(torch.isfinite(sums_UK.sum())):  # NaN/inf, or finite values so large they overflow
         bad = int((~torch.isfinite(probs_UCK)).flatten(1).any(1).sum())
+    if bad:
         raise ValueError(
             f"probabilities contain NaN or inf in {bad} of {probs_UCK.shape[0]} units; "
             "check the model's outputs (a diverged training run is the usual cause)."
         )
+    lo_t, hi_t = torch.aminmax(probs_UCK)
+    lo, hi = float(lo_t), float(hi_t)
     if kind == "sigmoid":
-        lo, hi = float(probs_UCK.min()), float(probs_UCK.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(
                 f"sigmoid scores must lie in [0, 1]; were logits passed? apply sigmoid first "
                 f"(got values in [{lo:.3g}, {hi:.3g}])."
             )
         return probs_UCK
-    if (probs_UCK < 0).any():
+    if lo < 0.0:
         raise ValueError("probabilities must be >= 0; were logits passed? apply softmax first.")
-    sums = probs_UCK.sum(dim=1)
-    worst = float((sums - 1).abs().max())
+    worst = float((sums_UK - 1).abs().max())
     if worst > atol:
         raise ValueError(
             f"probabilities must sum to one over classes (dim 1); the worst unit is off by "

@@ -84,6 +84,10 @@ class QueryStrategy:
             "scores units (an uncertainty strategy such as entropy or bald, or random)"
         )
 
+    def region_scores(self, scores_R: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``[R]`` final region scores from the reduced unit scores (unchanged by default)."""
+        return scores_R
+
     #: how unit scores become a region's (or an item's) score.
     reduction: str = "max"
 

@@ -14,8 +14,8 @@ from taskal.types import PoolOutputs, Predictions
 class RandomSampling(QueryStrategy):
     """Pick ``budget`` candidates uniformly without replacement (from ``generator``).
 
-    For region queries every unit gets a uniform random score, so regions are drawn
-    uniformly too (with ``reduction="max"``).
+    For region queries every region gets one uniform random score, whatever its number of
+    units, so regions are drawn uniformly (large regions are not favoured).
     """
 
     def select(
@@ -26,4 +26,7 @@ class RandomSampling(QueryStrategy):
     def region_unit_scores(
         self, predictions: Predictions, generator: torch.Generator | None = None
     ) -> Tensor:
-        return torch.rand(predictions.num_units, generator=generator)
+        return torch.zeros(predictions.num_units)
+
+    def region_scores(self, scores_R: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return torch.rand(len(scores_R), generator=generator, dtype=torch.float64)
