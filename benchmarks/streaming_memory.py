@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -71,7 +72,8 @@ def run_variant(n: int, query: str, size: int, classes: int, batch_size: int) ->
     selector = Selector("entropy", batch_size=batch_size, progress=False, query=query)
     # warm up the allocator and kernels on a few items so the baseline includes them
     warm = SyntheticImages(batch_size, size)
-    selector.select(adapter, warm, [], 1, torch.Generator().manual_seed(0))  # type: ignore[arg-type]
+    warm_budget = 1 if query == "item" else 256.0
+    selector.select(adapter, warm, [], warm_budget, torch.Generator().manual_seed(0))  # type: ignore[arg-type]
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     picks = min(50, n // 2)
@@ -95,6 +97,12 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--query", choices=["item", "region"], nargs="+", default=["item", "region"])
+    p.add_argument(
+        "--fixed-mmap-threshold",
+        action="store_true",
+        help="run with MALLOC_MMAP_THRESHOLD_=65536: glibc then returns every large freed\n"
+        "block to the OS, which separates what taskal keeps from heap fragmentation",
+    )
     p.add_argument("--variant", nargs=2, help=argparse.SUPPRESS)  # internal: n query
     args = p.parse_args()
     if args.variant:
@@ -102,9 +110,11 @@ def main() -> None:
         print(json.dumps(run_variant(n, query, args.image_size, args.classes, args.batch_size)))
         return
     small, large = args.sizes
+    allocator = "MALLOC_MMAP_THRESHOLD_=65536" if args.fixed_mmap_threshold else "glibc defaults"
     print(
-        f"scoring {small:,} and {large:,} images of {args.image_size}x{args.image_size}, "
-        f"{args.classes} classes, entropy, batch {args.batch_size}; each run in its own process"
+        f"[{allocator}] scoring {small:,} and {large:,} images of "
+        f"{args.image_size}x{args.image_size}, {args.classes} classes, entropy, "
+        f"batch {args.batch_size}; each run in its own process"
     )
     print("| query | items | seconds | peak RSS MB | growth while scoring MB |")
     print("|---|---|---|---|---|")
@@ -124,7 +134,10 @@ def main() -> None:
                 "--batch-size",
                 str(args.batch_size),
             ]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            env = dict(os.environ)
+            if args.fixed_mmap_threshold:
+                env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             rows[n] = json.loads(out.strip().splitlines()[-1])
             r = rows[n]
             print(

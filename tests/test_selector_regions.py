@@ -4,6 +4,8 @@ region buffer."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -202,3 +204,31 @@ def test_a_source_that_reorders_ids_is_refused() -> None:
 
     with pytest.raises(ValueError, match="out of order"):
         Selector("entropy", progress=False).select(_pixel(), Shuffled(4), [], 1)
+
+
+class _WatchedPixels(ToyPixelAdapter):
+    """Fails if a previous batch's per-pixel probabilities are still alive."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        super().__init__(num_classes=3, width=4, patch=4)
+        self.alive: list[weakref.ref[torch.Tensor]] = []
+        self.batches = 0
+
+    def predict(self, batch: Batch, n_samples: int = 1, units: Units | None = None) -> Predictions:
+        gc.collect()
+        assert all(ref() is None for ref in self.alive), "a batch's unit tensors outlived it"
+        pred = super().predict(batch, n_samples, units)
+        self.alive = [weakref.ref(pred.probs_UCK), weakref.ref(pred.owner_U)]
+        self.batches += 1
+        return pred
+
+
+@pytest.mark.parametrize("query, budget", [("item", 2), ("region", 64.0)])
+def test_streaming_keeps_one_batch_of_units_alive(query: str, budget: float) -> None:
+    """Per-pixel tensors live for one batch: what the selector keeps is per item or region."""
+    adapter = _WatchedPixels()
+    Selector("entropy", batch_size=2, progress=False, query=query).select(
+        adapter, ImageList(7), [], budget
+    )
+    assert adapter.batches == 4
