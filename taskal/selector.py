@@ -21,6 +21,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from taskal.functional import check_budget, check_probs, reduce_regions
+from taskal.queries import LabelState, Query
+from taskal.regions import RegionBuffer, region_boxes, unlabeled_regions
 from taskal.registry import QUERY_STRATEGIES, build
 from taskal.strategies.base import QueryStrategy
 from taskal.types import (
@@ -29,10 +31,8 @@ from taskal.types import (
     Batch,
     BatchOutputs,
     ItemId,
-    LabelState,
     PoolOutputs,
     Predictions,
-    Query,
 )
 
 QUERY_KINDS = ("item", "region")
@@ -108,64 +108,6 @@ class _Stream:
             embeddings_ND=get("embeds"),
             loss_pred_N=get("losses"),
         )
-
-
-class RegionBuffer:
-    """The best regions seen so far that the budget could buy.
-
-    Regions costing more than the budget are counted but never kept; of the rest, the
-    best are kept until their cost adds up to twice the budget (the greedy fill skips
-    regions that no longer fit, so it needs some slack). Rows are ranked by score, ties by
-    a random key from the selection's generator. Memory is bounded by the budget over the
-    cheapest region's cost, not by the pool.
-    """
-
-    def __init__(self, budget: float) -> None:
-        self.budget = budget
-        self.keep_cost = 2.0 * budget
-        self.total_cost = 0.0
-        self.min_cost = math.inf
-        self.affordable = 0
-        self.score = torch.zeros(0, dtype=torch.float64)
-        self.tie = torch.zeros(0, dtype=torch.float64)
-        self.item = torch.zeros(0, dtype=torch.long)
-        self.region = torch.zeros(0, dtype=torch.long)
-        self.cost = torch.zeros(0, dtype=torch.float64)
-        self.box = torch.zeros(0, 4, dtype=torch.float64)
-
-    def push(
-        self,
-        score: Tensor,
-        item: Tensor,
-        region: Tensor,
-        cost: Tensor,
-        box: Tensor,
-        generator: torch.Generator,
-    ) -> None:
-        """Add regions (``[R]`` each, ``box`` ``[R, 4]``) and drop all but the best."""
-        cost = cost.double()
-        self.total_cost += float(cost.sum())
-        if len(cost):
-            self.min_cost = min(self.min_cost, float(cost.min()))
-        fits = cost <= self.budget + 1e-9
-        self.affordable += int(fits.sum())
-        self.score = torch.cat([self.score, score.double()[fits]])
-        self.tie = torch.cat([self.tie, torch.rand(len(score), generator=generator).double()[fits]])
-        self.item = torch.cat([self.item, item.long()[fits]])
-        self.region = torch.cat([self.region, region.long()[fits]])
-        self.cost = torch.cat([self.cost, cost[fits]])
-        self.box = torch.cat([self.box, box.double()[fits]])
-        order = self.order()
-        cum = torch.cumsum(self.cost[order], 0)
-        keep = int(torch.searchsorted(cum, torch.tensor([self.keep_cost], dtype=cum.dtype))) + 1
-        order = order[:keep]
-        for name in ("score", "tie", "item", "region", "cost", "box"):
-            setattr(self, name, getattr(self, name)[order])
-
-    def order(self) -> Tensor:
-        """Positions by descending score, random among ties."""
-        by_tie = torch.argsort(self.tie)
-        return by_tie[torch.sort(self.score[by_tie], descending=True, stable=True).indices]
 
 
 class Selector:
@@ -256,7 +198,7 @@ class Selector:
                 adapter, source, candidates, labeled_ids, buffer, state, generator
             )
         if buffer is not None:
-            return self._pick_regions(buffer, candidates, float(budget))
+            return buffer.queries(candidates)
         positions = self.strategy.select(outputs, int(budget), generator)
         pos = self._check_positions(positions, len(candidates), int(budget))
         scores = outputs.scores_N
@@ -361,8 +303,8 @@ class Selector:
             )
         if not torch.isfinite(score_R).all():
             raise ValueError(f"{type(strategy).__name__} gave NaN/inf region scores")
-        keep = _not_labeled(owner_R, region_R, offset, candidates, state)
-        box_R4 = _region_boxes(p, owner_R, region_R)
+        keep = unlabeled_regions(owner_R, region_R, offset, candidates, state)
+        box_R4 = region_boxes(p, owner_R, region_R)
         buffer.push(
             score_R[keep],
             owner_R[keep] + offset,
@@ -371,39 +313,6 @@ class Selector:
             box_R4[keep],
             generator,
         )
-
-    def _pick_regions(
-        self, buffer: RegionBuffer, candidates: Sequence[ItemId], budget: float
-    ) -> list[Query]:
-        if buffer.total_cost < budget:
-            raise ValueError(
-                f"budget {budget:g} is larger than the unlabeled regions' total cost "
-                f"({buffer.total_cost:g}); lower the budget or add items to the pool."
-            )
-        if buffer.affordable == 0:
-            raise ValueError(
-                f"every unlabeled region costs more than the budget {budget:g} (the cheapest "
-                f"costs {buffer.min_cost:g}); raise the budget or use smaller regions."
-            )
-        queries, spent = [], 0.0
-        for i in buffer.order().tolist():
-            cost = float(buffer.cost[i])
-            if spent + cost > budget + 1e-9:
-                continue
-            box = buffer.box[i]
-            queries.append(
-                Query(
-                    candidates[int(buffer.item[i])],
-                    int(buffer.region[i]),
-                    cost,
-                    float(buffer.score[i]),
-                    None if torch.isnan(box).any() else tuple(box.tolist()),
-                )
-            )
-            spent += cost
-            if spent >= budget - 1e-9:
-                break
-        return queries
 
     def _check_positions(self, positions: Tensor, num: int, budget: int) -> list[int]:
         name = type(self.strategy).__name__
@@ -430,43 +339,3 @@ def _item_probs(p: Predictions | None, num_items: int, strategy: QueryStrategy) 
             f"order); got {p.num_units} units for {num_items} items"
         )
     return p.probs_UCK.mean(-1).detach().cpu()
-
-
-def _not_labeled(
-    owner_R: Tensor,
-    region_R: Tensor,
-    offset: int,
-    candidates: Sequence[ItemId],
-    state: LabelState | None,
-) -> Tensor:
-    """``[R]`` True for regions not yet labeled (vectorised over the batch's regions)."""
-    keep = torch.ones(len(owner_R), dtype=torch.bool)
-    if state is None or not state.partial or len(owner_R) == 0:
-        return keep
-    span = int(region_R.max()) + 1
-    done = [
-        o * span + r
-        for o in torch.unique(owner_R).tolist()
-        for r in state.regions_of(candidates[offset + o])
-        if r < span
-    ]
-    if done:
-        keep &= ~torch.isin(owner_R * span + region_R, torch.tensor(done, dtype=torch.long))
-    return keep
-
-
-def _region_boxes(p: Predictions, owner_R: Tensor, region_R: Tensor) -> Tensor:
-    """``[R, 4]`` enclosing box of each region's units (NaN without boxes)."""
-    num = owner_R.shape[0]
-    if p.boxes_U4 is None or num == 0:
-        return torch.full((num, 4), math.nan, dtype=torch.float64)
-    owner_U, region_U = p.owner_U.cpu(), p.regions().cpu()
-    span = int(region_U.max()) + 1
-    keys_R = owner_R * span + region_R
-    rows_U = torch.searchsorted(keys_R, owner_U * span + region_U)
-    boxes = p.boxes_U4.detach().cpu().double()
-    lo = torch.full((num, 2), math.inf, dtype=torch.float64)
-    hi = torch.full((num, 2), -math.inf, dtype=torch.float64)
-    lo.scatter_reduce_(0, rows_U[:, None].expand(-1, 2), boxes[:, :2], "amin")
-    hi.scatter_reduce_(0, rows_U[:, None].expand(-1, 2), boxes[:, 2:], "amax")
-    return torch.cat([lo, hi], 1)

@@ -9,8 +9,9 @@ from taskal.adapters import ClassificationAdapter, EnsembleAdapter
 from taskal.data import TensorPool
 from taskal.llal import LossPredictionModule
 from taskal.models import SmallCNN
+from taskal.queries import LabelState
 from taskal.selector import Selector, build_strategy
-from taskal.types import Adapter, Batch, LabelState, Predictions, Units
+from taskal.types import Adapter, Batch, Predictions, Units
 
 from .strategies.template import registered_names
 

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from taskal.adapters import EnsembleAdapter
-from taskal.selector import RegionBuffer, Selector
-from taskal.types import Batch, ItemId, LabelState, Predictions, Units
+from taskal.queries import LabelState
+from taskal.regions import RegionBuffer
+from taskal.selector import Selector
+from taskal.types import Batch, ItemId, Predictions, Units
 
 from .adapters.toys import ToyBoxAdapter, ToyPixelAdapter
 
