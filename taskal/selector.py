@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from taskal.functional import check_budget, check_probs, reduce_regions
+from taskal.functional.reduction import REDUCTIONS
 from taskal.queries import LabelState, Query
 from taskal.regions import RegionBuffer, region_boxes, unlabeled_regions
 from taskal.registry import QUERY_STRATEGIES, build
@@ -142,6 +143,11 @@ class Selector:
             probe = Predictions(torch.full((1, 2, 1), 0.5), torch.zeros(1, dtype=torch.long))
             # raises for strategies without unit scores
             self.strategy.region_unit_scores(probe, torch.Generator())
+            if self.strategy.reduction not in REDUCTIONS:
+                raise ValueError(
+                    f"reduction {self.strategy.reduction!r} turns units into an item score; "
+                    f"region queries reduce a region's units with one of {REDUCTIONS}"
+                )
         self.batch_size = batch_size
         self.progress = progress
         self.query = query

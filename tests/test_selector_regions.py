@@ -234,3 +234,12 @@ def test_streaming_keeps_one_batch_of_units_alive(query: str, budget: float) -> 
         adapter, ImageList(7), [], budget
     )
     assert adapter.batches == 4
+
+
+def test_topk_mean_is_an_item_reduction() -> None:
+    with pytest.raises(ValueError, match="region queries reduce a region's units"):
+        Selector({"type": "entropy", "reduction": "topk_mean"}, query="region")
+    queries = Selector(
+        {"type": "entropy", "reduction": "topk_mean", "top_k": 2}, progress=False
+    ).select(_box(), ImageList(5), [], 2)
+    assert len(queries) == 2

@@ -11,23 +11,34 @@ import torch
 from torch import Tensor
 
 REDUCTIONS = ("max", "mean", "sum")
+#: item-level reductions: the region ones plus the mean of each item's ``k`` best units.
+ITEM_REDUCTIONS = (*REDUCTIONS, "topk_mean")
 
 
 def reduce_units(
-    scores_U: Tensor, owner_U: Tensor, num_items: int, reduction: str = "max"
+    scores_U: Tensor,
+    owner_U: Tensor,
+    num_items: int,
+    reduction: str = "max",
+    k: int = 3,
+    empty: float = 0.0,
 ) -> Tensor:
     """Aggregate ``scores_U`` into ``[num_items]`` by ``owner_U``.
-
-    Items that own no unit (an image with no detected box) score 0.
 
     Args:
         scores_U: ``[U]`` unit scores, higher = label first.
         owner_U: ``[U]`` long, the item each unit belongs to, in ``[0, num_items)``.
         num_items: number of items.
-        reduction: ``"max"``, ``"mean"`` or ``"sum"``.
+        reduction: ``"max"``, ``"mean"``, ``"sum"`` or ``"topk_mean"`` (the mean of the
+            item's ``k`` highest unit scores, or of all of them when it has fewer).
+        k: units averaged by ``"topk_mean"``.
+        empty: the score of an item that owns no unit (an image with no detected box):
+            0 ranks it with the most certain images; a large value asks for it first.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
+    if reduction not in ITEM_REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; choose one of {ITEM_REDUCTIONS}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
     if scores_U.shape != owner_U.shape:
         raise ValueError(
             f"scores {tuple(scores_U.shape)} and owner {tuple(owner_U.shape)} must match"
@@ -38,12 +49,26 @@ def reduce_units(
             f"[{int(owner_U.min())}, {int(owner_U.max())}]"
         )
     out = scores_U.new_zeros(num_items)
-    if scores_U.numel() == 0:
-        return out
-    if reduction == "sum":
-        return out.index_add_(0, owner_U, scores_U)
-    reduce = "amax" if reduction == "max" else "mean"
-    return out.scatter_reduce_(0, owner_U, scores_U, reduce=reduce, include_self=False)
+    has_units = torch.zeros(num_items, dtype=torch.bool, device=scores_U.device)
+    has_units[owner_U] = True
+    if reduction == "topk_mean" and scores_U.numel():
+        # rank units inside their item by descending score; keep ranks < k
+        by_score = torch.sort(scores_U, descending=True, stable=True).indices
+        order = by_score[torch.sort(owner_U[by_score], stable=True).indices]
+        sorted_owner = owner_U[order]
+        pos = torch.arange(len(order), device=owner_U.device)
+        starts = torch.ones_like(sorted_owner, dtype=torch.bool)
+        starts[1:] = sorted_owner[1:] != sorted_owner[:-1]
+        first = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), 0).values
+        top = order[(pos - first) < k]
+        scores_U, owner_U, reduction = scores_U[top], owner_U[top], "mean"
+    if scores_U.numel():
+        if reduction == "sum":
+            out.index_add_(0, owner_U, scores_U)
+        else:
+            reduce = "amax" if reduction == "max" else "mean"
+            out.scatter_reduce_(0, owner_U, scores_U, reduce=reduce, include_self=False)
+    return out.masked_fill(~has_units, float(empty))
 
 
 def reduce_regions(

@@ -21,13 +21,14 @@ What ``requires`` can hold:
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from taskal.functional import reduce_units, top_k
-from taskal.functional.reduction import REDUCTIONS
+from taskal.functional.reduction import ITEM_REDUCTIONS
 from taskal.types import BatchOutputs, PoolOutputs, Predictions
 
 #: what a strategy can ask the selector to gather.
@@ -126,18 +127,34 @@ class UnitScoreStrategy(ScoreStrategy):
         n_samples: stochastic samples per prediction. With ``n_samples > 1`` the units are
             scored under MC dropout (the score of the mean prediction for entropy, margin
             and least confidence).
-        reduction: how unit scores become an item score: ``"max"``, ``"mean"`` or ``"sum"``.
+        reduction: how unit scores become an item (or region) score: ``"max"``, ``"mean"``,
+            ``"sum"`` or, for items only, ``"topk_mean"`` (the mean of the ``top_k`` best).
+        top_k: units averaged by ``"topk_mean"``.
+        empty_score: the score of an item with no unit (an image without detections): 0
+            ranks it with the most certain; a large value asks for it first.
     """
 
     requires = frozenset({"probs"})
     #: the fewest samples the score is defined for (2 for MC-dropout scores).
     min_samples: ClassVar[int] = 1
 
-    def __init__(self, n_samples: int = 1, reduction: str = "max") -> None:
+    def __init__(
+        self,
+        n_samples: int = 1,
+        reduction: str = "max",
+        top_k: int = 3,
+        empty_score: float = 0.0,
+    ) -> None:
         self.n_samples = check_n_samples(n_samples, self.min_samples, type(self).__name__)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
+        if reduction not in ITEM_REDUCTIONS:
+            raise ValueError(f"unknown reduction {reduction!r}; choose one of {ITEM_REDUCTIONS}")
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        if not isinstance(empty_score, (int, float)) or not math.isfinite(empty_score):
+            raise ValueError(f"empty_score must be a finite number, got {empty_score!r}")
         self.reduction = reduction
+        self.top_k = top_k
+        self.empty_score = float(empty_score)
 
     @property
     def sampling(self) -> str:
@@ -160,7 +177,9 @@ class UnitScoreStrategy(ScoreStrategy):
         p = outputs.predictions
         if p is None:
             raise ValueError(f"{type(self).__name__} needs predictions; none were gathered")
-        return reduce_units(self._scores_U(p), p.owner_U, len(outputs), self.reduction)
+        return reduce_units(
+            self._scores_U(p), p.owner_U, len(outputs), self.reduction, self.top_k, self.empty_score
+        )
 
     def region_unit_scores(
         self, predictions: Predictions, generator: torch.Generator | None = None

@@ -42,8 +42,14 @@ class MCDropoutStrategy(UnitScoreStrategy):
 
     min_samples = 2
 
-    def __init__(self, n_samples: int = 20, reduction: str = "max") -> None:
-        super().__init__(n_samples, reduction)
+    def __init__(
+        self,
+        n_samples: int = 20,
+        reduction: str = "max",
+        top_k: int = 3,
+        empty_score: float = 0.0,
+    ) -> None:
+        super().__init__(n_samples, reduction, top_k, empty_score)
 
 
 @QUERY_STRATEGIES.register_module(name="bald")

@@ -92,3 +92,21 @@ def test_reduce_regions_validates() -> None:
         F.reduce_regions(SCORES, OWNER, REGION, -COST)
     with pytest.raises(ValueError, match="1-D"):
         F.reduce_regions(SCORES[None], OWNER, REGION)
+
+
+def test_topk_mean_averages_each_items_best_units() -> None:
+    scores = torch.tensor([0.1, 0.9, 0.5, 0.7, 0.2, 0.4])
+    owner = torch.tensor([0, 0, 0, 0, 2, 2])
+    out = F.reduce_units(scores, owner, 4, "topk_mean", k=2, empty=-1.0)
+    assert torch.allclose(out, torch.tensor([0.8, -1.0, 0.3, -1.0]))
+    # with k at least the unit count it is the plain mean
+    assert torch.allclose(
+        F.reduce_units(scores, owner, 3, "topk_mean", k=10),
+        F.reduce_units(scores, owner, 3, "mean"),
+    )
+
+
+@pytest.mark.parametrize("reduction", ["max", "mean", "sum", "topk_mean"])
+def test_items_without_units_get_the_empty_score(reduction: str) -> None:
+    out = F.reduce_units(torch.tensor([0.5]), torch.tensor([1]), 3, reduction, empty=7.0)
+    assert out.tolist() == [7.0, 0.5, 7.0]

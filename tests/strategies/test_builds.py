@@ -22,6 +22,8 @@ def test_unknown_strategy_lists_registered() -> None:
         ({"type": "bald", "n_samples": 1}, "n_samples must be >= 2"),
         ({"type": "entropy", "n_samples": 0}, "positive integer"),
         ({"type": "entropy", "reduction": "median"}, "reduction"),
+        ({"type": "entropy", "reduction": "topk_mean", "top_k": 0}, "top_k"),
+        ({"type": "bald", "empty_score": float("nan")}, "empty_score"),
         ({"type": "two_stage", "candidates_factor": 0.5}, "candidates_factor"),
         ({"type": "two_stage", "first": {"type": "coreset"}}, "must score candidates"),
         ({"type": "two_stage", "second": "entropy"}, "diverse subset"),
