@@ -2,5 +2,6 @@
 
 from taskal.adapters.classification import ClassificationAdapter
 from taskal.adapters.ensemble import EnsembleAdapter
+from taskal.adapters.torchvision_detection import TorchvisionDetectionAdapter
 
-__all__ = ["ClassificationAdapter", "EnsembleAdapter"]
+__all__ = ["ClassificationAdapter", "EnsembleAdapter", "TorchvisionDetectionAdapter"]
