@@ -1,5 +1,6 @@
 """Registered query strategies (importing this package registers them all)."""
 
+from taskal.strategies.balanced import ClassBalanced
 from taskal.strategies.base import QueryStrategy, ScoreStrategy, UnitScoreStrategy
 from taskal.strategies.diversity import BADGE, CoreSet
 from taskal.strategies.hybrid import TwoStage
@@ -19,6 +20,7 @@ from taskal.strategies.uncertainty import (
 __all__ = [
     "BADGE",
     "BALD",
+    "ClassBalanced",
     "CoreSet",
     "EnsembleKL",
     "Entropy",

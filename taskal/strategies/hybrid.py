@@ -12,14 +12,15 @@ from taskal.strategies.base import QueryStrategy, ScoreStrategy
 from taskal.types import BatchOutputs, PoolOutputs
 
 
-def _build_part(cfg: Any, role: str) -> QueryStrategy:
+def build_part(cfg: Any, role: str, owner: str = "two_stage") -> QueryStrategy:
+    """A composition's part from a strategy, a registered name or a config dict."""
     if isinstance(cfg, QueryStrategy):
         return cfg
     if isinstance(cfg, str):
         cfg = {"type": cfg}
     if not isinstance(cfg, dict):
         raise TypeError(
-            f"two_stage's {role} stage must be a strategy name or a config dict, got {cfg!r}"
+            f"{owner}'s {role} stage must be a strategy name or a config dict, got {cfg!r}"
         )
     from taskal.selector import build_strategy
 
@@ -47,8 +48,8 @@ class TwoStage(QueryStrategy):
         second: dict[str, Any] | str | None = None,
         candidates_factor: float = 5.0,
     ) -> None:
-        self.first = _build_part(first or "entropy", "first")
-        self.second = _build_part(second or "coreset", "second")
+        self.first = build_part(first or "entropy", "first")
+        self.second = build_part(second or "coreset", "second")
         if not isinstance(self.first, ScoreStrategy):
             raise ValueError(
                 f"two_stage's first stage must score candidates (entropy, bald, llal, ...), "

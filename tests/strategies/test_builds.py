@@ -84,3 +84,37 @@ def test_two_stage_picks_from_the_uncertain_top() -> None:
     top10 = set(select(s.first, batch, 10).tolist())
     assert set(picks.tolist()) <= top10 and len(set(picks.tolist())) == 5
     assert s.needs == {"probs", "embeddings", "labeled_embeddings"}
+
+
+def test_class_balanced_caps_each_predicted_class() -> None:
+    from taskal.types import Predictions
+
+    batch = make_batch(n=30, c=3, k=1)
+    probs = torch.zeros(30, 3, 1)
+    probs[:20, 0] = 0.5  # class 0: the 20 most uncertain items
+    probs[:20, 1] = 0.5
+    probs[20:25, 2, 0] = 0.9  # two confident classes among the rest
+    probs[25:, 1, 0] = 0.9
+    probs[20:, 0, 0] = 0.1
+    batch.predictions = Predictions(probs, torch.arange(30))
+    s = build_strategy({"type": "class_balanced", "base": "entropy", "max_share": 0.4})
+    picks = select(s, batch, 5).tolist()
+    assert len(set(picks)) == 5
+    assert sum(p < 20 for p in picks) == 2  # ceil(0.4 * 5) from the uncertain class
+    plain = select(build_strategy("entropy"), batch, 5).tolist()
+    assert all(p < 20 for p in plain)
+    # caps that cannot fill the budget fall back to the best skipped items
+    tight = build_strategy({"type": "class_balanced", "max_share": 0.1})
+    assert len(set(select(tight, batch, 10).tolist())) == 10
+
+
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        ({"type": "class_balanced", "base": "coreset"}, "must score candidates"),
+        ({"type": "class_balanced", "max_share": 0}, "max_share"),
+    ],
+)
+def test_class_balanced_bad_configs(cfg: dict, match: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(ValueError, match=match):
+        build_strategy(cfg)
