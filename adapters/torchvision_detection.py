@@ -108,8 +108,11 @@ class TorchvisionDetectionAdapter(Adapter):
 
     Inputs are lists of ``[3, H, W]`` float images in ``[0, 1]`` (torchvision's convention);
     data samples are torchvision target dicts (``boxes`` xyxy, ``labels``) for
-    :meth:`per_sample_loss`. Feature layers: ``body`` (the backbone's levels) and ``fpn``
-    for a ``BackboneWithFPN``, else ``backbone``; maps cover the resized, padded batch.
+    :meth:`per_sample_loss`, with taskal's foreground labels ``0..C-1`` (as
+    :class:`~taskal.data.CocoDetectionPool` gives them): for Faster R-CNN, whose class 0 is
+    the background, the adapter shifts them by one, so build it with ``C + 1`` classes.
+    Feature layers: ``body`` (the backbone's levels) and ``fpn`` for a ``BackboneWithFPN``,
+    else ``backbone``; maps cover the resized, padded batch.
     """
 
     task = "det"
@@ -232,7 +235,7 @@ class TorchvisionDetectionAdapter(Adapter):
         seeded 0 (the caller's RNG untouched), so an image's loss is deterministic.
         """
         images, _ = self._images(batch)
-        targets = _targets(batch, self._device)
+        targets = _targets(batch, self._device, first_label=1 if self.two_stage else 0)
         losses = []
         devices = [self._device] if self._device.type == "cuda" else []
         with torch.no_grad(), self._loss_mode(), torch.random.fork_rng(devices=devices):
@@ -522,7 +525,9 @@ def _clip(boxes: Tensor, size_hw: Tensor) -> Tensor:
     return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1)
 
 
-def _targets(batch: Batch, device: torch.device) -> list[dict[str, Tensor]]:
+def _targets(batch: Batch, device: torch.device, first_label: int = 0) -> list[dict[str, Tensor]]:
+    """torchvision targets from the data samples; taskal's labels ``0..C-1`` are shifted to
+    start at ``first_label`` (1 for Faster R-CNN, whose class 0 is the background)."""
     samples = batch.data_samples
     if samples is None or any(
         not isinstance(s, dict) or "boxes" not in s or "labels" not in s for s in samples
@@ -534,7 +539,7 @@ def _targets(batch: Batch, device: torch.device) -> list[dict[str, Tensor]]:
     return [
         {
             "boxes": torch.as_tensor(s["boxes"], device=device).float().reshape(-1, 4),
-            "labels": torch.as_tensor(s["labels"], device=device).long().reshape(-1),
+            "labels": torch.as_tensor(s["labels"], device=device).long().reshape(-1) + first_label,
         }
         for s in samples
     ]

@@ -41,10 +41,16 @@ class LabelState:
     Attributes:
         full: ids of fully labeled items.
         partial: ``item -> region indices`` labeled so far (items not in ``full``).
+        boxes: ``item -> xyxy boxes`` of labeled box regions. A detector's boxes change
+            between rounds (and their indices with them), so a box region counts as labeled
+            when it overlaps one of these (IoU at least ``box_iou``), not by its index.
+        box_iou: the overlap at which a predicted box is the labeled one (0.5).
     """
 
     full: set[ItemId] = field(default_factory=set)
     partial: dict[ItemId, set[int]] = field(default_factory=dict)
+    boxes: dict[ItemId, list[tuple[float, float, float, float]]] = field(default_factory=dict)
+    box_iou: float = 0.5
 
     @classmethod
     def of(cls, labeled: LabelState | Iterable[ItemId] | None) -> LabelState:
@@ -61,8 +67,11 @@ class LabelState:
             if q.region is None:
                 self.full.add(q.item)
                 self.partial.pop(q.item, None)
+                self.boxes.pop(q.item, None)
             elif q.item not in self.full:
                 self.partial.setdefault(q.item, set()).add(int(q.region))
+                if q.box is not None:
+                    self.boxes.setdefault(q.item, []).append(tuple(q.box))  # type: ignore[arg-type]
 
     def items(self) -> set[ItemId]:
         """Every item with at least one label."""
@@ -73,5 +82,8 @@ class LabelState:
 
     def copy(self) -> LabelState:
         return replace(
-            self, full=set(self.full), partial={k: set(v) for k, v in self.partial.items()}
+            self,
+            full=set(self.full),
+            partial={k: set(v) for k, v in self.partial.items()},
+            boxes={k: list(v) for k, v in self.boxes.items()},
         )

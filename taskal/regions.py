@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torchvision.ops import box_iou
 
 from taskal.queries import LabelState, Query
 from taskal.types import ItemId, Predictions
@@ -114,20 +115,38 @@ def unlabeled_regions(
     offset: int,
     candidates: Sequence[ItemId],
     state: LabelState | None,
+    box_R4: Tensor | None = None,
 ) -> Tensor:
-    """``[R]`` True for regions not yet labeled (vectorised over the batch's regions)."""
+    """``[R]`` True for regions not yet labeled (vectorised over the batch's regions).
+
+    A region with a box (a detection) is labeled when it overlaps a labeled box of its item
+    by ``state.box_iou`` or more; a region without one (a patch, a superpixel) when its
+    index is among the item's labeled regions.
+    """
     keep = torch.ones(len(owner_R), dtype=torch.bool)
     if state is None or not state.partial or len(owner_R) == 0:
         return keep
+    has_box = torch.zeros(len(owner_R), dtype=torch.bool)
+    if box_R4 is not None:
+        has_box = ~torch.isnan(box_R4).any(1)
     span = int(region_R.max()) + 1
     done = [
         o * span + r
-        for o in torch.unique(owner_R).tolist()
+        for o in torch.unique(owner_R[~has_box]).tolist()
         for r in state.regions_of(candidates[offset + o])
         if r < span
     ]
     if done:
-        keep &= ~torch.isin(owner_R * span + region_R, torch.tensor(done, dtype=torch.long))
+        by_index = torch.isin(owner_R * span + region_R, torch.tensor(done, dtype=torch.long))
+        keep &= ~(by_index & ~has_box)
+    if box_R4 is not None and bool(has_box.any()):
+        for o in torch.unique(owner_R[has_box]).tolist():
+            labeled = state.boxes.get(candidates[offset + o])
+            if not labeled:
+                continue
+            rows = torch.nonzero((owner_R == o) & has_box)[:, 0]
+            iou = box_iou(box_R4[rows].double(), torch.tensor(labeled, dtype=torch.float64))
+            keep[rows[iou.max(1).values >= state.box_iou]] = False
     return keep
 
 

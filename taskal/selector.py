@@ -309,8 +309,8 @@ class Selector:
             )
         if not torch.isfinite(score_R).all():
             raise ValueError(f"{type(strategy).__name__} gave NaN/inf region scores")
-        keep = unlabeled_regions(owner_R, region_R, offset, candidates, state)
         box_R4 = region_boxes(p, owner_R, region_R)
+        keep = unlabeled_regions(owner_R, region_R, offset, candidates, state, box_R4)
         buffer.push(
             score_R[keep],
             owner_R[keep] + offset,

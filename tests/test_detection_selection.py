@@ -28,7 +28,8 @@ def pool(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
 def test_image_and_box_queries(pool, family: str, strategy: object) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     build = faster_rcnn if family == "faster_rcnn" else retinanet
-    adapter = TorchvisionDetectionAdapter(build(num_classes=len(pool.classes)))
+    background = 1 if family == "faster_rcnn" else 0  # torchvision's two-stage class 0
+    adapter = TorchvisionDetectionAdapter(build(num_classes=len(pool.classes) + background))
     images = Selector(
         strategy, batch_size=3, progress=False
     ).select(  # type: ignore[arg-type]
@@ -45,3 +46,17 @@ def test_image_and_box_queries(pool, family: str, strategy: object) -> None:  # 
         adapter, pool, state, 2.0
     )
     assert not {(q.item, q.region) for q in again} & {(q.item, q.region) for q in boxes}
+
+
+def test_faster_rcnn_trains_every_pool_class_as_foreground(pool) -> None:  # type: ignore[no-untyped-def]
+    """Pool labels start at 0; Faster R-CNN's class 0 is background, so they are shifted."""
+    from taskal.adapters.torchvision_detection import _targets
+
+    batch = next(pool.batches(pool.ids[:2], 2))
+    raw = [s["labels"] for s in batch.data_samples]
+    shifted = _targets(batch, torch.device("cpu"), first_label=1)
+    assert all(torch.equal(t["labels"], r + 1) for t, r in zip(shifted, raw, strict=True))
+    torch.manual_seed(0)
+    adapter = TorchvisionDetectionAdapter(faster_rcnn(num_classes=len(pool.classes) + 1))
+    loss = adapter.per_sample_loss(batch)
+    assert loss.shape == (2,) and torch.isfinite(loss).all()

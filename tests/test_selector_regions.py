@@ -243,3 +243,27 @@ def test_topk_mean_is_an_item_reduction() -> None:
         {"type": "entropy", "reduction": "topk_mean", "top_k": 2}, progress=False
     ).select(_box(), ImageList(5), [], 2)
     assert len(queries) == 2
+
+
+def test_labeled_boxes_are_recognised_by_overlap_not_by_index() -> None:
+    """A retrained detector renumbers its boxes: a labeled box is matched by IoU."""
+    from taskal.queries import Query
+    from taskal.regions import unlabeled_regions
+
+    state = LabelState()
+    state.add([Query("img", region=0, box=(0.0, 0.0, 10.0, 10.0))])
+    owner = torch.tensor([0, 0, 0])
+    region = torch.tensor([0, 1, 2])  # the labeled box now comes second
+    boxes = torch.tensor(
+        [[40.0, 40.0, 50.0, 50.0], [0.5, 0.0, 10.0, 10.0], [0.0, 0.0, 4.0, 4.0]],
+        dtype=torch.float64,
+    )
+    keep = unlabeled_regions(owner, region, 0, ["img"], state, boxes)
+    assert keep.tolist() == [True, False, True]
+    # regions without boxes (patches) still go by their index
+    patches = torch.full((3, 4), float("nan"), dtype=torch.float64)
+    assert unlabeled_regions(owner, region, 0, ["img"], state, patches).tolist() == [
+        False,
+        True,
+        True,
+    ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import numbers
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -149,6 +150,11 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def _is_whole(x: Any) -> bool:
+    """An int, or a float with no fraction (some tools write ``640.0``)."""
+    return _is_int(x) or (isinstance(x, float) and math.isfinite(x) and x.is_integer())
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
@@ -190,8 +196,8 @@ _CATEGORY_KEYS = {"id": _is_int, "name": lambda v: isinstance(v, str)}
 _IMAGE_KEYS = {
     "id": _is_int,
     "file_name": lambda v: isinstance(v, str) and bool(v),
-    "width": lambda v: _is_int(v) and v > 0,
-    "height": lambda v: _is_int(v) and v > 0,
+    "width": lambda v: _is_whole(v) and v > 0,
+    "height": lambda v: _is_whole(v) and v > 0,
 }
 _ANNOTATION_KEYS = {
     "id": _is_int,
@@ -255,10 +261,15 @@ def _check_images(data: dict[str, Any], img_dir: Path, problems: list[str]) -> d
 
 def _check_box(where: str, box: list[float], img: dict[str, Any]) -> str | None:
     x, y, w, h = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        return f"{where} has bbox {box} with a NaN or infinite value; boxes are [x, y, w, h]"
     if w <= 0 or h <= 0:
         return f"{where} has bbox {box} with non-positive width or height; boxes are [x, y, w, h]"
     t = BOX_TOLERANCE
-    if x < -t or y < -t or x + w > img["width"] + t or y + h > img["height"] + t:
+    outside = x < -t or y < -t or x + w > img["width"] + t or y + h > img["height"] + t
+    # a box within the tolerance but with no area left inside the image after clipping
+    empty = x >= img["width"] or y >= img["height"] or x + w <= 0 or y + h <= 0
+    if outside or empty:
         return (
             f"{where} has bbox {box} ([x, y, w, h]) outside its image {img['id']} "
             f"({img['file_name']!r}, {img['width']}x{img['height']} WxH, tolerance {t:g} px); "

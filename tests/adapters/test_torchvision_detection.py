@@ -93,8 +93,9 @@ def _batch() -> Batch:
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 64, 96, generator=g), torch.rand(3, 96, 64, generator=g)]
     samples = [
-        {"boxes": torch.tensor([[4.0, 4.0, 40.0, 44.0]]), "labels": torch.tensor([1])},
-        {"boxes": torch.tensor([[8.0, 10.0, 50.0, 80.0]]), "labels": torch.tensor([2])},
+        # taskal's foreground labels 0..C-1 (Faster R-CNN's adapter shifts them past class 0)
+        {"boxes": torch.tensor([[4.0, 4.0, 40.0, 44.0]]), "labels": torch.tensor([0])},
+        {"boxes": torch.tensor([[8.0, 10.0, 50.0, 80.0]]), "labels": torch.tensor([1])},
     ]
     return Batch(images, ["a", "b"], data_samples=samples)
 

@@ -121,6 +121,14 @@ ERROR_CASES = {
         _set("annotations", 1, bbox=[-3, 0, 5, 5]),
         r"annotations\[1\] \(id 2\) has bbox \[-3, 0, 5, 5\] .*outside its image 1",
     ),
+    "box_nan": (
+        _set("annotations", 0, bbox=[1, 2, float("nan"), 4]),
+        r"annotations\[0\] \(id 1\) has bbox \[1, 2, nan, 4\] with a NaN or infinite value",
+    ),
+    "box_empty_after_clipping": (
+        _set("annotations", 0, bbox=[-1, 2, 0.5, 4]),
+        r"annotations\[0\] \(id 1\) has bbox \[-1, 2, 0.5, 4\] .*outside its image 1",
+    ),
     "box_zero_width": (
         _set("annotations", 2, bbox=[4, 4, 0, 8]),
         r"annotations\[2\] \(id 3\) has bbox \[4, 4, 0, 8\] with non-positive width or height",
@@ -160,6 +168,16 @@ def test_error_names_the_entry_and_writes_nothing(tmp_path: Path, case: str) -> 
     with pytest.raises(ValueError, match=message):
         load_coco_detection(ann_file, tmp_path / "img")
     assert _files(tmp_path) == before
+
+
+def test_whole_float_sizes_segmentations_and_crowds_are_valid_coco(tmp_path: Path) -> None:
+    data = _tiny(tmp_path)
+    data["images"][0]["width"] = 30.0  # some tools write floats
+    data["annotations"][0]["segmentation"] = [[1, 2, 5, 2, 5, 6]]
+    data["annotations"][1]["iscrowd"] = 1
+    pool = load_coco_detection(_write(tmp_path, data), tmp_path / "img")
+    labels = sum(len(pool.target(i)["labels"]) for i in pool.ids)
+    assert labels == len(data["annotations"]) - 1, "crowd boxes stay out of the targets"
 
 
 def test_all_problems_are_listed_at_once(tmp_path: Path) -> None:
