@@ -137,6 +137,24 @@ class TestFasterRCNN(AdapterConformance):
             labels = pred.units().unit_U[mine] % adapter.num_classes
             assert torch.equal(labels, det["labels"])
 
+    def test_resized_images_map_back_to_original_coordinates(self) -> None:
+        """Images smaller than min_size are resized by the transform; boxes come back."""
+        adapter = self.make_adapter()
+        assert isinstance(adapter, TorchvisionDetectionAdapter)
+        g = torch.Generator().manual_seed(1)
+        images = [torch.rand(3, 40, 60, generator=g), torch.rand(3, 50, 37, generator=g)]
+        pred = adapter.predict(Batch(images, ["small", "narrow"]))
+        adapter.model.eval()
+        with torch.no_grad():
+            out = adapter.model(images)
+        for i, det in enumerate(out):
+            mine = pred.owner_U == i
+            assert pred.boxes_U4 is not None and int(mine.sum()) == len(det["boxes"]) > 0
+            assert torch.allclose(pred.boxes_U4[mine], det["boxes"], atol=1e-3)
+            h, w = images[i].shape[-2:]
+            assert float(pred.boxes_U4[mine][:, 2].max()) <= w
+            assert float(pred.boxes_U4[mine][:, 3].max()) <= h
+
     def test_regions_are_ranks_and_costs_one(self) -> None:
         pred = self.make_adapter().predict(self.make_batch())
         for i in (0, 1):
