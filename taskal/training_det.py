@@ -1,0 +1,218 @@
+"""Supervised training of a torchvision detector (Faster R-CNN, RetinaNet, FCOS) in place.
+
+The recipe follows torchvision's detection references (``references/detection/train.py``):
+SGD with momentum 0.9 and weight decay 1e-4, a linear warm-up from ``lr / 1000``, and the sum
+of the model's loss dict as the objective. Images without boxes stay in: torchvision trains
+them as background. mmdet models train through mmengine's Runner instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from taskal.adapters.torchvision_detection import TorchvisionDetectionAdapter, _targets
+from taskal.types import Batch, ItemId
+
+#: the warm-up starts at ``lr * WARMUP_FACTOR`` (torchvision's references: 1/1000).
+WARMUP_FACTOR = 1e-3
+
+
+class DetectionPool(Protocol):
+    """What :func:`train_detector` reads from a pool (a :class:`~taskal.data.CocoDetectionPool`)."""
+
+    ids: list[ItemId]
+
+    def take(self, ids: Sequence[ItemId]) -> Batch: ...
+
+
+@dataclass
+class DetTrainConfig:
+    """How a torchvision detector is trained on the labeled images each round.
+
+    Attributes:
+        epochs: passes over the (resampled) labeled set.
+        batch_size: images per SGD step (1 is allowed: detection BatchNorm sees H x W values).
+        lr: SGD learning rate after warm-up: torchvision's references use 0.02 for 16 images
+            per step, and the default is that scaled linearly to 4; scale it with
+            ``batch_size``.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        warmup_iters: steps of linear warm-up from ``lr / 1000`` to ``lr`` (0 = none).
+        min_epoch_items: an epoch draws at least this many images (with repetition), so a
+            10-image labeled set gets as many steps as a 100-image one.
+        max_grad_norm: clip the gradients' global L2 norm to this before each step (mmdet's
+            FCOS configs use 35); ``None`` clips nothing, as torchvision's references.
+    """
+
+    epochs: int = 12
+    batch_size: int = 4
+    lr: float = 0.005
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 50
+    min_epoch_items: int = 64
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"det_train.epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"det_train.batch_size must be >= 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"det_train.lr must be a finite number > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"det_train.momentum must lie in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"det_train.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_iters < 0:
+            raise ValueError(f"det_train.warmup_iters must be >= 0, got {self.warmup_iters}")
+        if self.min_epoch_items < 0:
+            raise ValueError(f"det_train.min_epoch_items must be >= 0, got {self.min_epoch_items}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(
+                f"det_train.max_grad_norm must be > 0 or None, got {self.max_grad_norm}"
+            )
+
+
+def train_detector(
+    adapter: TorchvisionDetectionAdapter,
+    pool: DetectionPool,
+    labeled_ids: Sequence[ItemId],
+    cfg: DetTrainConfig,
+    generator: torch.Generator,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Train ``adapter.model`` on the labeled images of ``pool`` in place.
+
+    Each epoch draws ``max(len(labeled_ids), cfg.min_epoch_items)`` images: whole shuffles
+    of the labeled set drawn with ``generator``, cut to length. Labels are the pool's
+    ``0..C-1`` (shifted past Faster R-CNN's background class 0 by the adapter's targets).
+    The model's own randomness (Faster R-CNN's RoI sampling, dropout) draws from torch's
+    global RNG: the same ``generator`` seed and the same ``torch.manual_seed`` give the same
+    weights. The model is left in eval mode, also when training fails.
+
+    Returns:
+        the last epoch's mean of every loss in the model's loss dict, plus ``"loss"``
+        (their sum, the objective).
+
+    Raises:
+        ValueError: an empty labeled set, ids that are not in ``pool``, or labels outside
+            the detector's classes.
+        FloatingPointError: a non-finite loss (training stops; lower ``cfg.lr``).
+    """
+    ids = _check_ids(pool, labeled_ids)
+    model = adapter.model
+    device = next(model.parameters()).device
+    first_label = 1 if adapter.two_stage else 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: _warmup(step, cfg))
+    n = len(ids)
+    per_epoch = max(n, cfg.min_epoch_items)
+    stats: dict[str, float] = {}
+    model.train()
+    try:
+        for epoch in tqdm(range(cfg.epochs), desc="train det", disable=not progress, leave=False):
+            order = torch.cat(
+                [torch.randperm(n, generator=generator) for _ in range(-(-per_epoch // n))]
+            )[:per_epoch].tolist()
+            totals: dict[str, float] = {}
+            steps = 0
+            for start in range(0, per_epoch, cfg.batch_size):
+                batch = pool.take([ids[i] for i in order[start : start + cfg.batch_size]])
+                losses = _step(adapter, batch, device, first_label, optim, epoch, cfg)
+                warmup.step()
+                for name, value in losses.items():
+                    totals[name] = totals.get(name, 0.0) + value
+                steps += 1
+            stats = {k: v / steps for k, v in totals.items()}
+    finally:
+        model.eval()
+    return stats
+
+
+def _check_ids(pool: DetectionPool, labeled_ids: Sequence[ItemId]) -> list[ItemId]:
+    ids = list(labeled_ids)
+    if not ids:
+        raise ValueError("train_detector needs at least one labeled image, got none")
+    known = set(pool.ids)
+    missing = [i for i in ids if i not in known]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} labeled ids are not items of the pool, e.g. {missing[:3]}; pass "
+            "ids from pool.ids"
+        )
+    return ids
+
+
+def _warmup(step: int, cfg: DetTrainConfig) -> float:
+    """The lr multiplier at ``step``: linear from ``WARMUP_FACTOR`` to 1 over the warm-up."""
+    if step >= cfg.warmup_iters:
+        return 1.0
+    alpha = step / cfg.warmup_iters
+    return WARMUP_FACTOR * (1 - alpha) + alpha
+
+
+def _step(
+    adapter: TorchvisionDetectionAdapter,
+    batch: Batch,
+    device: torch.device,
+    first_label: int,
+    optim: torch.optim.Optimizer,
+    epoch: int,
+    cfg: DetTrainConfig,
+) -> dict[str, float]:
+    """One SGD step on ``batch``; returns the step's losses by name and their sum ``loss``."""
+    images = [x.to(device) for x in batch.inputs]
+    targets = _targets(batch, device, first_label=first_label)
+    _check_labels(adapter, batch, targets, first_label)
+    loss_dict: dict[str, Tensor] = adapter.model(images, targets)
+    loss = torch.stack([v.float() for v in loss_dict.values()]).sum()
+    if not torch.isfinite(loss):
+        parts = {k: float(v.detach()) for k, v in loss_dict.items()}
+        raise FloatingPointError(
+            f"the detection loss became {float(loss.detach())} in epoch {epoch} ({parts}) on "
+            f"items {list(batch.ids)}; training stopped: lower DetTrainConfig.lr (now "
+            f"{optim.param_groups[0]['lr']:.3g} after warm-up scaling), lengthen warmup_iters "
+            "or set max_grad_norm"
+        )
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.max_grad_norm is not None:
+        params = [p for group in optim.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optim.step()
+    out = {k: float(v.detach()) for k, v in loss_dict.items()}
+    out["loss"] = float(loss.detach())
+    return out
+
+
+def _check_labels(
+    adapter: TorchvisionDetectionAdapter,
+    batch: Batch,
+    targets: list[dict[str, Any]],
+    first_label: int,
+) -> None:
+    """Labels the detector can learn, with a fix in the message (an index error otherwise)."""
+    for item, target in zip(batch.ids, targets, strict=True):
+        labels = target["labels"]
+        if labels.numel() and int(labels.max()) >= adapter.num_classes:
+            hint = (
+                "Faster R-CNN's class 0 is the background: build it with C + 1 classes"
+                if first_label
+                else "build the detector with as many classes as the pool has"
+            )
+            raise ValueError(
+                f"item {item!r} has label {int(labels.max()) - first_label} but the detector "
+                f"has {adapter.num_classes} classes; {hint}"
+            )
+
+
+__all__ = ["DetTrainConfig", "train_detector"]
