@@ -10,21 +10,19 @@ need training on partially annotated images, which is not built yet.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from taskal.adapters.torchvision_detection import TorchvisionDetectionAdapter
 from taskal.data.coco import CocoDetectionPool
 from taskal.evaluation import coco_map
-from taskal.selector import Selector
-from taskal.simulation.loop import _dataclass_from, _mix, resolve_strategies
+from taskal.simulation.loop import _dataclass_from, resolve_strategies
+from taskal.simulation.rounds import RoundLoop, mix_seed
 from taskal.strategies.base import QueryStrategy
 from taskal.training_det import DetTrainConfig, train_detector
-from taskal.types import ItemId
+from taskal.types import Adapter, ItemId
 
 
 @dataclass
@@ -82,8 +80,10 @@ class DetSimulationConfig:
                 )
 
 
-class DetectionSimulation:
+class DetectionSimulation(RoundLoop):
     """Run the rounds of every (strategy, seed) on a detection pool and a test split."""
+
+    desc = "simulate det"
 
     def __init__(
         self, cfg: DetSimulationConfig, pool: CocoDetectionPool, test: CocoDetectionPool
@@ -98,59 +98,21 @@ class DetectionSimulation:
         self.pool = pool
         self.test = test
         self.strategies = resolve_strategies(cfg.strategies)
+        self.select_batch_size = cfg.batch_size
 
-    def run(self) -> list[dict[str, Any]]:
-        """All runs as ``{"strategy", "seed", "curve"}`` dicts."""
-        total = len(self.strategies) * len(self.cfg.seeds) * (self.cfg.rounds + 1)
-        runs = []
-        with tqdm(total=total, desc="simulate det", disable=not self.cfg.progress) as bar:
-            for seed in self.cfg.seeds:
-                for label, strategy in self.strategies:
-                    bar.set_postfix_str(f"{label} seed={seed}")
-                    curve = self.run_one(strategy, seed, bar)
-                    runs.append({"strategy": label, "seed": seed, "curve": curve})
-        return runs
+    def evaluate(self, adapter: Adapter) -> float:
+        """COCO box mAP (pycocotools) on the test split."""
+        return coco_map(adapter, self.test, batch_size=self.cfg.batch_size)["mAP"]
 
-    def initial_labeled(self, seed: int) -> list[ItemId]:
-        g = torch.Generator().manual_seed(seed)
-        rows = torch.randperm(len(self.pool), generator=g)[: self.cfg.initial]
-        return [self.pool.ids[int(r)] for r in rows]
-
-    def run_one(self, strategy: QueryStrategy, seed: int, bar: Any = None) -> list[dict[str, Any]]:
-        cfg = self.cfg
-        labeled = self.initial_labeled(seed)
-        selector = Selector(strategy, batch_size=cfg.batch_size, progress=False)
-        curve = []
-        for r in range(cfg.rounds + 1):
-            t0 = time.perf_counter()
-            adapter = self.train(labeled, seed, r)
-            train_seconds = time.perf_counter() - t0
-            metric = coco_map(adapter, self.test, batch_size=cfg.batch_size)["mAP"]
-            select_seconds, n_labeled = 0.0, len(labeled)
-            if r < cfg.rounds:
-                t1 = time.perf_counter()
-                g = torch.Generator().manual_seed(_mix(seed, r, 1))
-                queries = selector.select(adapter, self.pool, labeled, cfg.budget, g)
-                select_seconds = time.perf_counter() - t1
-                labeled = labeled + [q.item for q in queries]
-            curve.append(
-                {
-                    "labeled": n_labeled,
-                    "metric": metric,
-                    "select_seconds": select_seconds,
-                    "train_seconds": train_seconds,
-                }
-            )
-            if bar is not None:
-                bar.update(1)
-        return curve
-
-    def train(self, labeled: list[ItemId], seed: int, r: int) -> TorchvisionDetectionAdapter:
-        """A fresh detector trained on ``labeled`` for round ``r``."""
-        torch.manual_seed(_mix(seed, r, 0))
+    def train(
+        self, strategy: QueryStrategy, labeled: list[ItemId], seed: int, r: int
+    ) -> TorchvisionDetectionAdapter:
+        """A fresh detector trained on ``labeled`` for round ``r`` (the same for every
+        strategy: the detection simulation trains no ensembles or loss predictors)."""
+        torch.manual_seed(mix_seed(seed, r, 0))
         model_cfg = copy.deepcopy(self.cfg.model)
         adapter = TorchvisionDetectionAdapter(self._num_classes(model_cfg), device=self.cfg.device)
-        g = torch.Generator().manual_seed(_mix(seed, r, 2))
+        g = torch.Generator().manual_seed(mix_seed(seed, r, 2))
         train_detector(adapter, self.pool, labeled, self.cfg.train_cfg, g)
         return adapter
 

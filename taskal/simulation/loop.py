@@ -8,19 +8,18 @@ what the strategies select. Random sampling always runs as the baseline.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from taskal.adapters import EnsembleAdapter
 from taskal.data.pool import TensorPool
 from taskal.llal.module import LossPredictionModule
 from taskal.models import build_model
 from taskal.registry import ADAPTERS, build
-from taskal.selector import Selector, build_strategy
+from taskal.selector import build_strategy
+from taskal.simulation.rounds import RoundLoop, mix_seed
 from taskal.strategies.base import QueryStrategy
 from taskal.training import LLALConfig, TrainConfig, accuracy, train_classifier
 from taskal.types import Adapter, ItemId
@@ -143,7 +142,7 @@ def resolve_strategies(specs: list[Any]) -> list[tuple[str, QueryStrategy]]:
     return built
 
 
-class Simulation:
+class Simulation(RoundLoop):
     """Run the rounds of every (strategy, seed) on a pool and a held-out test set."""
 
     def __init__(self, cfg: SimulationConfig, pool: TensorPool, test: TensorPool) -> None:
@@ -162,54 +161,11 @@ class Simulation:
         num_classes = len(pool.classes) if pool.classes else int(pool.targets.max()) + 1
         self.model_cfg = dict(cfg.model, num_classes=num_classes, in_channels=pool.inputs.shape[1])
         self.input_shape = tuple(pool.inputs.shape[1:])
+        self.test_batch = test.take(test.ids)
 
-    def run(self) -> list[dict[str, Any]]:
-        """All runs as ``{"strategy", "seed", "curve"}`` dicts."""
-        total = len(self.strategies) * len(self.cfg.seeds) * (self.cfg.rounds + 1)
-        runs = []
-        with tqdm(total=total, desc="simulate", disable=not self.cfg.progress) as bar:
-            for seed in self.cfg.seeds:
-                for label, strategy in self.strategies:
-                    bar.set_postfix_str(f"{label} seed={seed}")
-                    curve = self.run_one(strategy, seed, bar)
-                    runs.append({"strategy": label, "seed": seed, "curve": curve})
-        return runs
-
-    def initial_labeled(self, seed: int) -> list[ItemId]:
-        g = torch.Generator().manual_seed(seed)
-        rows = torch.randperm(len(self.pool), generator=g)[: self.cfg.initial]
-        return [self.pool.ids[int(r)] for r in rows]
-
-    def run_one(self, strategy: QueryStrategy, seed: int, bar: Any = None) -> list[dict[str, Any]]:
-        cfg = self.cfg
-        labeled = self.initial_labeled(seed)
-        selector = Selector(strategy, progress=False)
-        curve = []
-        test_batch = self.test.take(self.test.ids)
-        for r in range(cfg.rounds + 1):
-            t0 = time.perf_counter()
-            adapter = self.train(strategy, labeled, seed, r)
-            train_seconds = time.perf_counter() - t0
-            metric = accuracy(_first_member(adapter), test_batch)
-            select_seconds = 0.0
-            n_labeled = len(labeled)
-            if r < cfg.rounds:
-                t1 = time.perf_counter()
-                g = torch.Generator().manual_seed(_mix(seed, r, 1))
-                queries = selector.select(adapter, self.pool, labeled, cfg.budget, g)
-                select_seconds = time.perf_counter() - t1
-                labeled = labeled + [q.item for q in queries]
-            curve.append(
-                {
-                    "labeled": n_labeled,
-                    "metric": metric,
-                    "select_seconds": select_seconds,
-                    "train_seconds": train_seconds,
-                }
-            )
-            if bar is not None:
-                bar.update(1)
-        return curve
+    def evaluate(self, adapter: Adapter) -> float:
+        """Top-1 accuracy on the test split (of the first member for an ensemble)."""
+        return accuracy(_first_member(adapter), self.test_batch)
 
     def train(self, strategy: QueryStrategy, labeled: list[ItemId], seed: int, r: int) -> Adapter:
         """Train a fresh model (or ensemble) on ``labeled`` for round ``r``."""
@@ -218,7 +174,7 @@ class Simulation:
         use_llal = "loss_pred" in strategy.needs
         adapters = []
         for m in range(members):
-            torch.manual_seed(_mix(seed, r, 0, m))
+            torch.manual_seed(mix_seed(seed, r, 0, m))
             model = build_model(copy.deepcopy(self.model_cfg))
             adapter = build(
                 ADAPTERS,
@@ -230,7 +186,7 @@ class Simulation:
             llal = None
             if use_llal:
                 llal = LossPredictionModule(adapter.feature_info, hidden=self.cfg.llal_cfg.hidden)
-            g = torch.Generator().manual_seed(_mix(seed, r, 2, m))
+            g = torch.Generator().manual_seed(mix_seed(seed, r, 2, m))
             train_classifier(adapter, batch, self.cfg.train_cfg, g, llal, self.cfg.llal_cfg)
             adapters.append(adapter)
         return adapters[0] if members == 1 else EnsembleAdapter(adapters)
@@ -239,11 +195,3 @@ class Simulation:
 def _first_member(adapter: Adapter) -> Adapter:
     """Metrics come from one model, so ensemble curves compare with single-model baselines."""
     return adapter.members[0] if isinstance(adapter, EnsembleAdapter) else adapter
-
-
-def _mix(*parts: int) -> int:
-    """A deterministic seed from several integers."""
-    value = 0x9E3779B9
-    for p in parts:
-        value = (value * 1_000_003 + int(p) + 1) % (2**61 - 1)
-    return value
