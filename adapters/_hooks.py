@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
-from taskal.types import FeatureMap, as_levels
+from taskal.types import FeatureInfo, FeatureMap, as_levels
 
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
@@ -43,6 +43,23 @@ class CapturedFeatures(Mapping[str, FeatureMap]):
 
     def _record(self, name: str, levels: list[Tensor]) -> None:
         self._levels.setdefault(name, []).extend(levels)
+
+
+def feature_names(infos: Sequence[FeatureInfo], names: Sequence[str] | None) -> list[str]:
+    """``names`` checked against an adapter's feature layers (all of them for ``None``)."""
+    known = [f.name for f in infos]
+    if names is None:
+        return known
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise KeyError(f"unknown feature layers {unknown}; this adapter exposes {known}")
+    return list(names)
+
+
+def detach_levels(x: FeatureMap) -> FeatureMap:
+    """A captured layer with every level detached (same single-map or tuple form)."""
+    levels = tuple(t.detach() for t in as_levels(x))
+    return levels[0] if len(levels) == 1 else levels
 
 
 def output_levels(out: object) -> list[Tensor]:

@@ -18,7 +18,9 @@ from torch.nn import functional as F
 from taskal.adapters._hooks import (
     CapturedFeatures,
     capture_outputs,
+    detach_levels,
     eval_mode,
+    feature_names,
     has_dropout,
     inject_dropout,
     mc_dropout,
@@ -32,7 +34,6 @@ from taskal.types import (
     FeatureMap,
     Predictions,
     Units,
-    as_levels,
     check_unit_alignment,
 )
 
@@ -141,16 +142,16 @@ class ClassificationAdapter(Adapter):
         )
 
     def features(self, batch: Batch, names: Sequence[str] | None = None) -> dict[str, FeatureMap]:
-        names = self._check_names(names)
+        names = feature_names(self._feature_info, names)
         x = self._inputs(batch)
         with torch.no_grad(), eval_mode(self._model), self.capture_features(names) as store:
             self._model(x)
-        return {n: _detach(store[n]) for n in names}
+        return {n: detach_levels(store[n]) for n in names}
 
     def capture_features(
         self, names: Sequence[str] | None = None
     ) -> contextlib.AbstractContextManager[CapturedFeatures]:
-        names = self._check_names(names)
+        names = feature_names(self._feature_info, names)
         to_nchw = {n: _nhwc_to_nchw for n in names if self._layouts.get(n) == NHWC}
         return capture_outputs(self._model, names, to_nchw)
 
@@ -197,15 +198,6 @@ class ClassificationAdapter(Adapter):
                 "crop the images in the dataset transform"
             )
         return torch.stack([x.to(self._device) for x in batch.inputs])
-
-    def _check_names(self, names: Sequence[str] | None) -> list[str]:
-        known = [f.name for f in self._feature_info]
-        if names is None:
-            return known
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise KeyError(f"unknown feature layers {unknown}; this adapter exposes {known}")
-        return list(names)
 
     def _learn_feature_info(self, names: Sequence[str] | None) -> list[FeatureInfo]:
         candidates = list(names) if names is not None else _feature_candidates(self._model)
@@ -311,11 +303,6 @@ def _layout(a: torch.Size, b: torch.Size) -> str | None:
 
 def _nhwc_to_nchw(x: Tensor) -> Tensor:
     return x.permute(0, 3, 1, 2)
-
-
-def _detach(x: FeatureMap) -> FeatureMap:
-    levels = tuple(t.detach() for t in as_levels(x))
-    return levels[0] if len(levels) == 1 else levels
 
 
 def _last_linear(model: nn.Module) -> str:

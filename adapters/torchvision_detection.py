@@ -43,7 +43,9 @@ from torchvision.ops import batched_nms, remove_small_boxes
 from taskal.adapters._hooks import (
     CapturedFeatures,
     capture_outputs,
+    detach_levels,
     eval_mode,
+    feature_names,
     has_dropout,
     inject_dropout,
     mc_dropout,
@@ -207,16 +209,16 @@ class TorchvisionDetectionAdapter(Adapter):
         )
 
     def features(self, batch: Batch, names: Sequence[str] | None = None) -> dict[str, FeatureMap]:
-        names = self._check_names(names)
+        names = feature_names(self._feature_info, names)
         images, _ = self._images(batch)
         with torch.no_grad(), eval_mode(self._model), self.capture_features(names) as store:
             self._forward_backbone(images)
-        return {n: _detach(store[n]) for n in names}
+        return {n: detach_levels(store[n]) for n in names}
 
     def capture_features(
         self, names: Sequence[str] | None = None
     ) -> contextlib.AbstractContextManager[CapturedFeatures]:
-        names = self._check_names(names)
+        names = feature_names(self._feature_info, names)
         modules = {f.name: f.module for f in self._feature_info}
         return capture_outputs(self._model, {n: modules[n] for n in names})
 
@@ -482,15 +484,6 @@ class TorchvisionDetectionAdapter(Adapter):
                     self._model.get_submodule(name).training = True
             yield
 
-    def _check_names(self, names: Sequence[str] | None) -> list[str]:
-        known = [f.name for f in self._feature_info]
-        if names is None:
-            return known
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise KeyError(f"unknown feature layers {unknown}; this adapter exposes {known}")
-        return list(names)
-
     def _probe_feature_info(self) -> list[FeatureInfo]:
         """Channels and strides from the backbone on one zero image (resized, padded size)."""
         backbone = self._det.backbone
@@ -510,11 +503,6 @@ class TorchvisionDetectionAdapter(Adapter):
             same = len(set(channels)) == 1
             infos.append(FeatureInfo(name, channels[0] if same else channels, strides, module))
         return infos
-
-
-def _detach(x: FeatureMap) -> FeatureMap:
-    levels = tuple(t.detach() for t in as_levels(x))
-    return levels[0] if len(levels) == 1 else levels
 
 
 def _clip(boxes: Tensor, size_hw: Tensor) -> Tensor:

@@ -27,7 +27,14 @@ import torchvision
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from taskal.adapters._hooks import CapturedFeatures, capture_outputs, eval_mode, mc_dropout
+from taskal.adapters._hooks import (
+    CapturedFeatures,
+    capture_outputs,
+    detach_levels,
+    eval_mode,
+    feature_names,
+    mc_dropout,
+)
 from taskal.types import (
     PROB_KINDS,
     Adapter,
@@ -36,7 +43,6 @@ from taskal.types import (
     FeatureMap,
     Predictions,
     Units,
-    as_levels,
 )
 
 
@@ -51,11 +57,6 @@ def pad_batch(inputs: Tensor | list[Tensor], divisor: int) -> tuple[Tensor, list
     for i, x in enumerate(images):
         out[i, :, : x.shape[-2], : x.shape[-1]] = x
     return out, sizes
-
-
-def _detach(x: FeatureMap) -> FeatureMap:
-    levels = tuple(t.detach() for t in as_levels(x))
-    return levels[0] if len(levels) == 1 else levels
 
 
 def _gather_index(units: Units, offsets: Tensor, counts: Tensor, what: str) -> Tensor:
@@ -94,18 +95,15 @@ class _ToyAdapter(Adapter):
     def capture_features(
         self, names: Sequence[str] | None = None
     ) -> contextlib.AbstractContextManager[CapturedFeatures]:
-        infos = {f.name: f for f in self._infos}
-        names = list(infos) if names is None else list(names)
-        unknown = [n for n in names if n not in infos]
-        if unknown:
-            raise KeyError(f"unknown feature layers {unknown}; this adapter exposes {list(infos)}")
-        return capture_outputs(self._model, {n: infos[n].module for n in names})
+        modules = {f.name: f.module for f in self._infos}
+        names = feature_names(self._infos, names)
+        return capture_outputs(self._model, {n: modules[n] for n in names})
 
     def features(self, batch: Batch, names: Sequence[str] | None = None) -> dict[str, FeatureMap]:
-        names = [f.name for f in self._infos] if names is None else list(names)
+        names = feature_names(self._infos, names)
         with torch.no_grad(), eval_mode(self._model), self.capture_features(names) as store:
             self._model(self._pad(batch)[0])
-        return {n: _detach(store[n]) for n in names}
+        return {n: detach_levels(store[n]) for n in names}
 
     def stochastic(self) -> contextlib.AbstractContextManager[None]:
         return mc_dropout(self._model)
