@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from taskal.types import rank_within_owner
+
 REDUCTIONS = ("max", "mean", "sum")
 #: item-level reductions: the region ones plus the mean of each item's ``k`` best units.
 ITEM_REDUCTIONS = (*REDUCTIONS, "topk_mean")
@@ -52,15 +54,9 @@ def reduce_units(
     has_units = torch.zeros(num_items, dtype=torch.bool, device=scores_U.device)
     has_units[owner_U] = True
     if reduction == "topk_mean" and scores_U.numel():
-        # rank units inside their item by descending score; keep ranks < k
+        # in descending score order, a unit's rank inside its item; keep ranks < k
         by_score = torch.sort(scores_U, descending=True, stable=True).indices
-        order = by_score[torch.sort(owner_U[by_score], stable=True).indices]
-        sorted_owner = owner_U[order]
-        pos = torch.arange(len(order), device=owner_U.device)
-        starts = torch.ones_like(sorted_owner, dtype=torch.bool)
-        starts[1:] = sorted_owner[1:] != sorted_owner[:-1]
-        first = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), 0).values
-        top = order[(pos - first) < k]
+        top = by_score[rank_within_owner(owner_U[by_score]) < k]
         scores_U, owner_U, reduction = scores_U[top], owner_U[top], "mean"
     if scores_U.numel():
         if reduction == "sum":

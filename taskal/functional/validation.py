@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -28,6 +30,8 @@ def check_probs(probs_UCK: Tensor, kind: str = "softmax", atol: float = 1e-3) ->
     """
     if kind not in PROB_KINDS:
         raise ValueError(f"unknown probability kind {kind!r}; choose one of {PROB_KINDS}")
+    if _already_checked(probs_UCK, kind, atol):
+        return probs_UCK
     if probs_UCK.dim() != 3:
         raise ValueError(
             f"expected probabilities shaped [U, C, K] (units, classes, samples), got shape "
@@ -65,6 +69,7 @@ def check_probs(probs_UCK: Tensor, kind: str = "softmax", atol: float = 1e-3) ->
                 f"sigmoid scores must lie in [0, 1]; were logits passed? apply sigmoid first "
                 f"(got values in [{lo:.3g}, {hi:.3g}])."
             )
+        _remember(probs_UCK, kind, atol)
         return probs_UCK
     if lo < 0.0:
         raise ValueError("probabilities must be >= 0; were logits passed? apply softmax first.")
@@ -75,7 +80,27 @@ def check_probs(probs_UCK: Tensor, kind: str = "softmax", atol: float = 1e-3) ->
             f"{worst:.3g}. Were logits or unnormalised scores passed? apply softmax first "
             "(or pass kind='sigmoid' for independent per-class scores)."
         )
+    _remember(probs_UCK, kind, atol)
     return probs_UCK
+
+
+# The last tensor that passed: the selector checks a batch's probabilities and the strategy's
+# score function checks them again; a per-pixel tensor is then read once, not twice. The
+# memo holds the same object (weakly) at the same version, so an in-place change or a new
+# tensor is checked afresh.
+_last: tuple[weakref.ref[Tensor], int, str, float] | None = None
+
+
+def _already_checked(probs: Tensor, kind: str, atol: float) -> bool:
+    if _last is None:
+        return False
+    ref, version, last_kind, last_atol = _last
+    return ref() is probs and probs._version == version and (kind, atol) == (last_kind, last_atol)
+
+
+def _remember(probs: Tensor, kind: str, atol: float) -> None:
+    global _last
+    _last = (weakref.ref(probs), probs._version, kind, atol)
 
 
 def check_scores(scores_N: Tensor, name: str = "scores") -> Tensor:

@@ -88,15 +88,10 @@ class DetectionSimulation(RoundLoop):
     def __init__(
         self, cfg: DetSimulationConfig, pool: CocoDetectionPool, test: CocoDetectionPool
     ) -> None:
-        needed = cfg.initial + cfg.rounds * cfg.budget
-        if needed > len(pool):
-            raise ValueError(
-                f"initial {cfg.initial} + rounds {cfg.rounds} x budget {cfg.budget} = {needed} "
-                f"images, but the pool holds only {len(pool)}; lower rounds or budget"
-            )
         self.cfg = cfg
         self.pool = pool
         self.test = test
+        self.check_pool_size()
         self.strategies = resolve_strategies(cfg.strategies)
         self.select_batch_size = cfg.batch_size
 

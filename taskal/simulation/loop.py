@@ -148,15 +148,10 @@ class Simulation(RoundLoop):
     def __init__(self, cfg: SimulationConfig, pool: TensorPool, test: TensorPool) -> None:
         if pool.targets is None or test.targets is None:
             raise ValueError("a simulation needs labels for the pool and the test set")
-        needed = cfg.initial + cfg.rounds * cfg.budget
-        if needed > len(pool):
-            raise ValueError(
-                f"initial {cfg.initial} + rounds {cfg.rounds} x budget {cfg.budget} = {needed} "
-                f"labels, but the pool holds only {len(pool)} items; lower rounds or budget"
-            )
         self.cfg = cfg
         self.pool = pool
         self.test = test
+        self.check_pool_size()
         self.strategies = resolve_strategies(cfg.strategies)
         num_classes = len(pool.classes) if pool.classes else int(pool.targets.max()) + 1
         self.model_cfg = dict(cfg.model, num_classes=num_classes, in_channels=pool.inputs.shape[1])

@@ -41,6 +41,17 @@ class RoundLoop:
     select_batch_size: int = 256
     desc: str = "simulate"
 
+    def check_pool_size(self) -> None:
+        """Fail before any training when the pool cannot feed every round."""
+        cfg = self.cfg
+        needed = cfg.initial + cfg.rounds * cfg.budget
+        if needed > len(self.pool.ids):
+            raise ValueError(
+                f"initial {cfg.initial} + rounds {cfg.rounds} x budget {cfg.budget} = {needed} "
+                f"labels, but the pool holds only {len(self.pool.ids)} items; lower rounds or "
+                "budget"
+            )
+
     def train(self, strategy: QueryStrategy, labeled: list[ItemId], seed: int, r: int) -> Adapter:
         """A fresh model trained on ``labeled`` for round ``r``."""
         raise NotImplementedError

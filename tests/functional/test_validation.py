@@ -36,3 +36,14 @@ def test_check_probs_sigmoid() -> None:
 def test_check_probs_unknown_kind_lists_the_kinds() -> None:
     with pytest.raises(ValueError, match=r"'logits'.*\('softmax', 'sigmoid'\)"):
         F.check_probs(torch.full((1, 2, 1), 0.5), kind="logits")
+
+
+def test_a_checked_tensor_changed_in_place_is_checked_again() -> None:
+    probs = torch.full((4, 2, 1), 0.5)
+    F.check_probs(probs)
+    F.check_probs(probs)  # the memo: the same tensor, unchanged
+    probs[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        F.check_probs(probs)
+    with pytest.raises(ValueError, match="sum to one"):
+        F.check_probs(torch.full((4, 2, 1), 0.7))
