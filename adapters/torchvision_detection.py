@@ -237,7 +237,7 @@ class TorchvisionDetectionAdapter(Adapter):
         seeded 0 (the caller's RNG untouched), so an image's loss is deterministic.
         """
         images, _ = self._images(batch)
-        targets = _targets(batch, self._device, first_label=1 if self.two_stage else 0)
+        targets = self.model_targets(batch)
         losses = []
         devices = [self._device] if self._device.type == "cuda" else []
         with torch.no_grad(), self._loss_mode(), torch.random.fork_rng(devices=devices):
@@ -246,6 +246,17 @@ class TorchvisionDetectionAdapter(Adapter):
                 out = self._model([image], [target])
                 losses.append(torch.stack([v.float() for v in out.values()]).sum())
         return torch.stack(losses)
+
+    @property
+    def background(self) -> int | None:
+        """The background column of :meth:`predict`'s probabilities: 0 for Faster R-CNN
+        (softmax over ``C + 1``, background first), ``None`` for RetinaNet and FCOS."""
+        return 0 if self.two_stage else None
+
+    def model_targets(self, batch: Batch) -> list[dict[str, Tensor]]:
+        """torchvision targets of ``batch``'s data samples, on the device, with taskal's
+        labels ``0..C-1`` moved past the background column when there is one."""
+        return _targets(batch, self._device, first_label=0 if self.background is None else 1)
 
     def stochastic(self) -> contextlib.AbstractContextManager[None]:
         return mc_dropout(self._model)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from taskal.adapters.torchvision_detection import TorchvisionDetectionAdapter, _targets
+from taskal.adapters.torchvision_detection import TorchvisionDetectionAdapter
 from taskal.types import Batch, ItemId
 
 #: the warm-up starts at ``lr * WARMUP_FACTOR`` (torchvision's references: 1/1000).
@@ -110,7 +110,6 @@ def train_detector(
     ids = _check_ids(pool, labeled_ids)
     model = adapter.model
     device = next(model.parameters()).device
-    first_label = 1 if adapter.two_stage else 0
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     warmup = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: _warmup(step, cfg))
@@ -127,7 +126,7 @@ def train_detector(
             steps = 0
             for start in range(0, per_epoch, cfg.batch_size):
                 batch = pool.take([ids[i] for i in order[start : start + cfg.batch_size]])
-                losses = _step(adapter, batch, device, first_label, optim, epoch, cfg)
+                losses = _step(adapter, batch, device, optim, epoch, cfg)
                 warmup.step()
                 for name, value in losses.items():
                     totals[name] = totals.get(name, 0.0) + value
@@ -164,15 +163,14 @@ def _step(
     adapter: TorchvisionDetectionAdapter,
     batch: Batch,
     device: torch.device,
-    first_label: int,
     optim: torch.optim.Optimizer,
     epoch: int,
     cfg: DetTrainConfig,
 ) -> dict[str, float]:
     """One SGD step on ``batch``; returns the step's losses by name and their sum ``loss``."""
     images = [x.to(device) for x in batch.inputs]
-    targets = _targets(batch, device, first_label=first_label)
-    _check_labels(adapter, batch, targets, first_label)
+    targets = adapter.model_targets(batch)
+    _check_labels(adapter, batch, targets)
     loss_dict: dict[str, Tensor] = adapter.model(images, targets)
     loss = torch.stack([v.float() for v in loss_dict.values()]).sum()
     if not torch.isfinite(loss):
@@ -198,9 +196,9 @@ def _check_labels(
     adapter: TorchvisionDetectionAdapter,
     batch: Batch,
     targets: list[dict[str, Any]],
-    first_label: int,
 ) -> None:
     """Labels the detector can learn, with a fix in the message (an index error otherwise)."""
+    first_label = 0 if adapter.background is None else 1
     for item, target in zip(batch.ids, targets, strict=True):
         labels = target["labels"]
         if labels.numel() and int(labels.max()) >= adapter.num_classes:

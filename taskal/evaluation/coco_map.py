@@ -29,10 +29,10 @@ METRICS = {"mAP": 0, "mAP50": 1, "mAP75": 2}
 
 
 def default_background(adapter: Any) -> int | None:
-    """The background column of ``adapter``'s probabilities: ``0`` for a two-stage detector
-    (``adapter.two_stage``: torchvision's Faster R-CNN softmax over ``C + 1``, background
-    first), else ``None`` (no background column: sigmoid heads, softmax over foreground)."""
-    return 0 if getattr(adapter, "two_stage", False) else None
+    """The background column of ``adapter``'s probabilities, as the adapter declares it
+    (``adapter.background``: 0 for torchvision's Faster R-CNN); ``None`` when it declares
+    none (sigmoid heads, softmax over foreground classes only)."""
+    return getattr(adapter, "background", None)
 
 
 def detections_to_coco(
@@ -118,7 +118,7 @@ def coco_map(
         progress: show a progress bar.
         background: the background column of the adapter's probabilities, left out when
             picking a box's class; ``None`` = no background column. ``"auto"`` (default):
-            :func:`default_background` (``0`` when ``adapter.two_stage``, else ``None``).
+            :func:`default_background` (``adapter.background``, else ``None``).
             An mmdet two-stage softmax puts background last: pass ``background=C``.
 
     Returns:

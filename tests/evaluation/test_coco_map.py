@@ -33,7 +33,7 @@ class Oracle:
     def __init__(self, pool: CocoDetectionPool, offset: float = 0.0, two_stage: bool = False):
         self.pool = pool
         self.offset = offset
-        self.two_stage = two_stage
+        self.background = 0 if two_stage else None
         self.seen: list[Any] = []  # data samples
         self.targets: list[Any] = []  # batch targets
 
@@ -45,7 +45,7 @@ class Oracle:
         boxes = torch.cat([t["boxes"] for t in targets]) + self.offset
         labels = torch.cat([t["labels"] for t in targets])
         owner = torch.cat([torch.full((len(t["labels"]),), b) for b, t in enumerate(targets)])
-        shift = 1 if self.two_stage else 0
+        shift = 0 if self.background is None else 1
         probs = torch.zeros(len(labels), len(self.pool.classes) + shift, 1)
         probs[torch.arange(len(labels)), labels + shift, 0] = 1.0
         return Predictions(probs, owner.long(), boxes_U4=boxes)
