@@ -2,6 +2,12 @@
 
 from taskal.adapters.classification import ClassificationAdapter
 from taskal.adapters.ensemble import EnsembleAdapter
+from taskal.adapters.mmdet_detection import MMDetAdapter
 from taskal.adapters.torchvision_detection import TorchvisionDetectionAdapter
 
-__all__ = ["ClassificationAdapter", "EnsembleAdapter", "TorchvisionDetectionAdapter"]
+__all__ = [
+    "ClassificationAdapter",
+    "EnsembleAdapter",
+    "MMDetAdapter",
+    "TorchvisionDetectionAdapter",
+]
