@@ -253,7 +253,9 @@ class Selector:
                     "in the requested order"
                 )
             batch = batch.without_labels(self.keep_meta)
-            out = BatchOutputs(list(batch.ids))
+            out = BatchOutputs(list(batch.ids), background=getattr(adapter, "background", None))
+            if "class_quality" in needs:
+                out.class_quality_C = _class_quality(adapter, strategy)
             if needs & {"probs", "item_probs"}:
                 out.predictions = adapter.predict(batch, n_samples=n_samples)
                 check_probs(out.predictions.probs_UCK, out.predictions.kind)
@@ -263,7 +265,8 @@ class Selector:
                 out.loss_pred_B = adapter.predict_loss(batch).detach().cpu()
                 acc.write("losses", offset, out.loss_pred_B)
             if "item_probs" in needs:
-                acc.write("probs", offset, _item_probs(out.predictions, len(batch), strategy))
+                probs = _item_probs(out.predictions, len(batch), strategy, out.background)
+                acc.write("probs", offset, probs)
             if out.embeddings_BD is not None:
                 acc.write("embeds", offset, out.embeddings_BD)
             if regions is not None and out.predictions is not None:
@@ -332,16 +335,49 @@ class Selector:
         return [int(i) for i in pos]
 
 
-def _item_probs(p: Predictions | None, num_items: int, strategy: QueryStrategy) -> Tensor:
-    """``[B, C]`` mean probabilities of image-level softmax units (for BADGE)."""
+def _item_probs(
+    p: Predictions | None, num_items: int, strategy: QueryStrategy, background: int | None = None
+) -> Tensor:
+    """``[B, C]`` image-level softmax probabilities (for BADGE).
+
+    Image-level units (classification) give theirs directly. With several units per image
+    (detection boxes) an image's distribution is the mean of its units' softmax vectors,
+    which needs a background column (Faster R-CNN-style heads): an image without units is
+    all background. Sigmoid scores are no distribution and are refused.
+    """
     name = type(strategy).__name__
     if p is None:
         raise ValueError(f"{name} needs predictions; none were gathered")
     if p.kind != "softmax":
-        raise ValueError(f"{name} needs softmax probabilities, got {p.kind} scores")
-    if p.num_units != num_items or not torch.equal(p.owner_U.cpu(), torch.arange(num_items)):
         raise ValueError(
-            f"{name} needs exactly one prediction per item (image-level units, in item "
-            f"order); got {p.num_units} units for {num_items} items"
+            f"{name} needs softmax probabilities, got {p.kind} scores (a dense detector's "
+            "per-class sigmoids are no image-level distribution; use a two-stage detector "
+            "or coreset)"
         )
-    return p.probs_UCK.mean(-1).detach().cpu()
+    probs_UC = p.probs_UCK.mean(-1).detach().cpu()
+    owner = p.owner_U.cpu()
+    if p.num_units == num_items and torch.equal(owner, torch.arange(num_items)):
+        return probs_UC
+    if background is None:
+        raise ValueError(
+            f"{name} needs one prediction per item (image-level units) or a background "
+            f"column to average box units over; got {p.num_units} units for {num_items} "
+            "items and no background"
+        )
+    sums = torch.zeros(num_items, probs_UC.shape[1]).index_add_(0, owner, probs_UC)
+    counts = torch.bincount(owner, minlength=num_items).unsqueeze(1)
+    out = sums / counts.clamp_min(1)
+    out[counts.squeeze(1) == 0, background] = 1.0
+    return out
+
+
+def _class_quality(adapter: Adapter, strategy: QueryStrategy) -> Tensor:
+    """The adapter's per-class quality, with a fix in the message when it has none."""
+    quality = getattr(adapter, "class_quality", None)
+    if quality is None:
+        raise ValueError(
+            f"{type(strategy).__name__} weights uncertainty by per-class difficulty, but "
+            "the adapter has no class_quality: set adapter.class_quality = "
+            "taskal.evaluation.class_quality(adapter, pool, labeled_ids) after training"
+        )
+    return torch.as_tensor(quality).detach().float().cpu()

@@ -18,6 +18,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from taskal.adapters.torchvision_detection import TorchvisionDetectionAdapter
+from taskal.functional.llal import loss_ranking_loss
+from taskal.llal.module import LossPredictionModule
+from taskal.training import LLALConfig
 from taskal.types import Batch, ItemId
 
 #: the warm-up starts at ``lr * WARMUP_FACTOR`` (torchvision's references: 1/1000).
@@ -88,8 +91,18 @@ def train_detector(
     cfg: DetTrainConfig,
     generator: torch.Generator,
     progress: bool = False,
+    llal: LossPredictionModule | None = None,
+    llal_cfg: LLALConfig | None = None,
 ) -> dict[str, float]:
     """Train ``adapter.model`` on the labeled images of ``pool`` in place.
+
+    With ``llal`` a loss-prediction module (Learning Loss, Yoo & Kweon 2019) on the
+    adapter's feature layers is trained jointly: its target is each image's detection loss
+    (the sum of the model's loss dict), so every image of a step runs its own forward (the
+    step's gradient is the mean over them), and its ranking loss is added with weight
+    ``llal_cfg.weight``; after ``llal_cfg.stop_grad_fraction`` of the epochs it no longer
+    back-propagates into the detector. The trained module is attached to the adapter for
+    the ``llal`` strategy.
 
     Each epoch draws ``max(len(labeled_ids), cfg.min_epoch_items)`` images: whole shuffles
     of the labeled set drawn with ``generator``, cut to length. Labels are the pool's
@@ -108,9 +121,14 @@ def train_detector(
         FloatingPointError: a non-finite loss (training stops; lower ``cfg.lr``).
     """
     ids = _check_ids(pool, labeled_ids)
+    llal_cfg = llal_cfg or LLALConfig()
     model = adapter.model
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
+    if llal is not None:
+        llal.to(device).train()
+        params += list(llal.parameters())
+    stop_epoch = llal_cfg.stop_grad_epoch(cfg.epochs)
     optim = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     warmup = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: _warmup(step, cfg))
     n = len(ids)
@@ -126,7 +144,11 @@ def train_detector(
             steps = 0
             for start in range(0, per_epoch, cfg.batch_size):
                 batch = pool.take([ids[i] for i in order[start : start + cfg.batch_size]])
-                losses = _step(adapter, batch, device, optim, epoch, cfg)
+                if llal is None:
+                    losses = _step(adapter, batch, device, optim, epoch, cfg)
+                else:
+                    detach = epoch >= stop_epoch
+                    losses = _llal_step(adapter, batch, optim, epoch, cfg, llal, llal_cfg, detach)
                 warmup.step()
                 for name, value in losses.items():
                     totals[name] = totals.get(name, 0.0) + value
@@ -134,6 +156,10 @@ def train_detector(
             stats = {k: v / steps for k, v in totals.items()}
     finally:
         model.eval()
+        if llal is not None:
+            llal.eval()
+    if llal is not None:
+        adapter.attach_loss_predictor(llal)
     return stats
 
 
@@ -173,6 +199,48 @@ def _step(
     _check_labels(adapter, batch, targets)
     loss_dict: dict[str, Tensor] = adapter.model(images, targets)
     loss = torch.stack([v.float() for v in loss_dict.values()]).sum()
+    _check_finite(loss, loss_dict, batch, epoch, optim)
+    _backward_step(loss, optim, cfg)
+    out = {k: float(v.detach()) for k, v in loss_dict.items()}
+    out["loss"] = float(loss.detach())
+    return out
+
+
+def _llal_step(
+    adapter: TorchvisionDetectionAdapter,
+    batch: Batch,
+    optim: torch.optim.Optimizer,
+    epoch: int,
+    cfg: DetTrainConfig,
+    llal: LossPredictionModule,
+    llal_cfg: LLALConfig,
+    detach: bool,
+) -> dict[str, float]:
+    """One SGD step with the loss-prediction module: one forward per image."""
+    device = next(adapter.model.parameters()).device
+    images = [x.to(device) for x in batch.inputs]
+    targets = adapter.model_targets(batch)
+    _check_labels(adapter, batch, targets)
+    per_image, preds = [], []
+    totals: dict[str, float] = {}
+    for image, target in zip(images, targets, strict=True):
+        with adapter.capture_features(llal.layers) as feats:
+            loss_dict: dict[str, Tensor] = adapter.model([image], [target])
+        loss_i = torch.stack([v.float() for v in loss_dict.values()]).sum()
+        _check_finite(loss_i, loss_dict, batch, epoch, optim)
+        per_image.append(loss_i)
+        preds.append(llal(feats, detach=detach))
+        for k, v in loss_dict.items():
+            totals[k] = totals.get(k, 0.0) + float(v.detach()) / len(images)
+    loss_B = torch.stack(per_image)
+    rank = loss_ranking_loss(torch.cat(preds), loss_B, llal_cfg.margin)
+    _backward_step(loss_B.mean() + llal_cfg.weight * rank, optim, cfg)
+    return {**totals, "loss": float(loss_B.detach().mean()), "llal_loss": float(rank.detach())}
+
+
+def _check_finite(
+    loss: Tensor, loss_dict: dict[str, Tensor], batch: Batch, epoch: int, optim: Any
+) -> None:
     if not torch.isfinite(loss):
         parts = {k: float(v.detach()) for k, v in loss_dict.items()}
         raise FloatingPointError(
@@ -181,15 +249,15 @@ def _step(
             f"{optim.param_groups[0]['lr']:.3g} after warm-up scaling), lengthen warmup_iters "
             "or set max_grad_norm"
         )
+
+
+def _backward_step(loss: Tensor, optim: torch.optim.Optimizer, cfg: DetTrainConfig) -> None:
     optim.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.max_grad_norm is not None:
         params = [p for group in optim.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     optim.step()
-    out = {k: float(v.detach()) for k, v in loss_dict.items()}
-    out["loss"] = float(loss.detach())
-    return out
 
 
 def _check_labels(

@@ -320,12 +320,18 @@ class BatchOutputs:
         predictions: probabilities whose ``owner_U`` indexes ``ids`` (if required).
         embeddings_BD: pooled embeddings ``[B, D]`` (if required).
         loss_pred_B: predicted loss ``[B]`` (if required).
+        class_quality_C: the adapter's per-class detection quality in ``[0, 1]`` over the
+            ``C`` foreground classes (:attr:`Adapter.class_quality`; if required).
+        background: the background column of the probabilities, if the head has one
+            (Faster R-CNN-style softmax over ``C + 1``), else ``None``.
     """
 
     ids: list[ItemId]
     predictions: Predictions | None = None
     embeddings_BD: Tensor | None = None
     loss_pred_B: Tensor | None = None
+    class_quality_C: Tensor | None = None
+    background: int | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -441,6 +447,10 @@ class Adapter(abc.ABC):
 
     #: an optional loss-prediction module (LLAL), attached with :meth:`attach_loss_predictor`.
     loss_predictor: torch.nn.Module | None = None
+    #: optional per-class quality ``[C]`` in ``[0, 1]`` over the foreground classes,
+    #: measured on labeled data after training (1 = the class is detected well); read by
+    #: difficulty-calibrated strategies. See :func:`taskal.evaluation.class_quality`.
+    class_quality: Tensor | None = None
 
     def attach_loss_predictor(self, module: torch.nn.Module) -> None:
         """Attach a loss-prediction module whose ``layers`` attribute names feature layers."""

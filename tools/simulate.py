@@ -3,6 +3,7 @@
     python tools/simulate.py                                  # digits, the default config
     python tools/simulate.py --strategies entropy badge --num-seeds 2 --rounds 3
     python tools/simulate.py --dataset path/to/images --config configs/cls/image_folder_resnet18.py
+    python tools/simulate.py --config configs/det/synthetic_faster_rcnn.py   # detection, COCO mAP
 
 Writes ``results.json``, ``learning_curve.png``, ``summary.md`` and the resolved
 ``config.py`` into the output directory (a new timestamped one by default).
@@ -20,13 +21,22 @@ from typing import Any
 from mmengine.config import DictAction
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "cls" / "digits_smallcnn.py"
+DEFAULT_CONFIGS = {
+    "cls": ROOT / "configs" / "cls" / "digits_smallcnn.py",
+    "det": ROOT / "configs" / "det" / "synthetic_faster_rcnn.py",
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="OpenMMLab-style config file")
-    p.add_argument("--task", choices=["cls", "det", "seg"], help="task (only cls simulates today)")
+    p.add_argument(
+        "--config", help="OpenMMLab-style config file (default: the --task's shipped one)"
+    )
+    p.add_argument(
+        "--task",
+        choices=sorted(DEFAULT_CONFIGS),
+        help="cls (digits) or det (synthetic shapes, COCO mAP); default: the config's, else cls",
+    )
     p.add_argument("--dataset", help="'digits' or the root of an ImageFolder-layout directory")
     p.add_argument("--image-size", type=int, help="resize images of an image folder to this size")
     p.add_argument("--strategies", nargs="+", help="registered strategy names (random is added)")
@@ -52,6 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def load_config(args: argparse.Namespace) -> Any:
     from mmengine.config import Config
 
+    if args.config is None:
+        args.config = str(DEFAULT_CONFIGS[args.task or "cls"])
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
@@ -94,48 +106,101 @@ def prepare_output(args: argparse.Namespace) -> Path:
     return out
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def build_detection_split(cfg: Any) -> tuple[Any, Any]:
+    """Pool and test split of a detection config's ``dataset`` (synthetic or COCO files)."""
+    import torch
+
+    from taskal.data import ensure_synthetic_detection, load_coco_detection
+
+    spec = dict(cfg.dataset)
+    kind = spec.pop("type", None)
+    if kind == "synthetic_detection":
+        root = Path(spec.pop("root", "work_dirs/data/synthetic_detection"))
+        files = ensure_synthetic_detection(root if root.is_absolute() else ROOT / root, **spec)
+        data = load_coco_detection(files.ann_file, files.img_dir)
+    elif kind == "coco":
+        data = load_coco_detection(spec["ann_file"], spec["img_dir"])
+    else:
+        raise SystemExit(
+            f"a det config's dataset.type must be 'synthetic_detection' or 'coco' (with "
+            f"ann_file and img_dir), got {kind!r}"
+        )
+    fraction = float(cfg.get("test_fraction", 0.2))
+    n_test = round(fraction * len(data.ids))
+    if not 0 < n_test < len(data.ids):
+        raise SystemExit(f"test_fraction {fraction} leaves no pool or no test images")
+    order = torch.randperm(len(data.ids), generator=torch.Generator().manual_seed(0)).tolist()
+    test_ids = sorted(data.ids[i] for i in order[:n_test])
+    pool_ids = sorted(data.ids[i] for i in order[n_test:])
+    return data.subset(pool_ids), data.subset(test_ids)
+
+
+def build_simulation(cfg: Any, progress: bool) -> tuple[Any, Any, Any, str]:
+    """The task's simulation, its pool and test split, and its metric's name."""
     from taskal.data import split_pool
-    from taskal.registry import DATASETS, build, import_custom_modules
+    from taskal.registry import DATASETS, build
     from taskal.simulation import (
+        DetectionSimulation,
+        DetSimulationConfig,
         Simulation,
         SimulationConfig,
-        format_table,
-        plot_curves,
-        summarize,
     )
 
-    cfg = load_config(args)
-    import_custom_modules(cfg)
+    task = cfg.get("task", "cls")
+    if task == "det":
+        det_cfg = DetSimulationConfig(
+            model=dict(cfg.model),
+            train=dict(cfg.get("train", {})),
+            llal=dict(cfg.get("llal", {})),
+            batch_size=cfg.get("batch_size", 8),
+            device=cfg.get("device", "cpu"),
+            progress=progress,
+            **{k: v for k, v in cfg.al.items()},
+        )
+        pool, test = build_detection_split(cfg)
+        return DetectionSimulation(det_cfg, pool, test), pool, test, "mAP"
     sim_cfg = SimulationConfig(
-        task=cfg.get("task", "cls"),
+        task=task,
         model=dict(cfg.model),
         adapter=dict(cfg.get("adapter", {"type": "classification"})),
         train=dict(cfg.get("train", {})),
         device=cfg.get("device", "cpu"),
-        progress=not args.no_progress,
+        progress=progress,
         **{k: v for k, v in cfg.al.items()},
     )
-    out = prepare_output(args)
     data = build(DATASETS, dict(cfg.dataset))
     pool, test = split_pool(data, cfg.get("test_fraction", 0.25), seed=0)
-    sim = Simulation(sim_cfg, pool, test)
+    return Simulation(sim_cfg, pool, test), pool, test, "accuracy"
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    from taskal.registry import import_custom_modules
+    from taskal.simulation import format_table, plot_curves, summarize
+
+    cfg = load_config(args)
+    import_custom_modules(cfg)
+    sim, pool, test, metric = build_simulation(cfg, progress=not args.no_progress)
+    out = prepare_output(args)
     print(
-        f"[simulate] {len(pool)} pool / {len(test)} test items; strategies: "
-        f"{[name for name, _ in sim.strategies]}; seeds {sim_cfg.seeds}; output {out}",
+        f"[simulate] {len(pool.ids)} pool / {len(test.ids)} test items; strategies: "
+        f"{[name for name, _ in sim.strategies]}; seeds {sim.cfg.seeds}; output {out}",
         file=sys.stderr,
     )
     cfg.dump(str(out / "config.py"))
     started = time.perf_counter()
-    results: dict[str, Any] = {"task": sim_cfg.task, "metric": "accuracy", "runs": sim.run()}
+    results: dict[str, Any] = {
+        "task": cfg.get("task", "cls"),
+        "metric": metric,
+        "runs": sim.run(),
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     rows = summarize(results)
-    table = format_table(rows, results["metric"])
+    table = format_table(rows, results["metric"], cost="boxes" if metric == "mAP" else None)
     plot_curves(results, out / "learning_curve.png")
     elapsed = time.perf_counter() - started
     (out / "summary.md").write_text(
-        f"# Simulation summary\n\nconfig: `{args.config}`; {len(pool)} pool / {len(test)} "
-        f"test items; {elapsed:.0f} s in all.\n\n{table}"
+        f"# Simulation summary\n\nconfig: `{args.config}`; {len(pool.ids)} pool / "
+        f"{len(test.ids)} test items; {elapsed:.0f} s in all.\n\n{table}"
     )
     print(table)
     print(

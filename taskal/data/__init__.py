@@ -6,6 +6,7 @@ from taskal.data.pool import TensorPool
 from taskal.data.synthetic_det import (
     SHAPES,
     SyntheticDetectionFiles,
+    ensure_synthetic_detection,
     make_synthetic_detection,
 )
 
@@ -15,6 +16,7 @@ __all__ = [
     "SyntheticDetectionFiles",
     "TensorPool",
     "category_counts",
+    "ensure_synthetic_detection",
     "load_coco_detection",
     "load_digits",
     "load_image_folder",

@@ -300,7 +300,21 @@ def make_synthetic_detection(
                 }
             )
     dataset = {
-        "info": {"description": "taskal synthetic shapes", "seed": seed},
+        "info": {
+            "description": "taskal synthetic shapes",
+            "seed": seed,
+            "arguments": _arguments(
+                num_images=num_images,
+                image_size=image_size,
+                classes=classes,
+                seed=seed,
+                objects_per_image=objects_per_image,
+                object_scale=object_scale,
+                imbalance=imbalance,
+                class_weights=class_weights,
+                max_occlusion=max_occlusion,
+            ),
+        },
         "images": images,
         "annotations": annotations,
         "categories": [
@@ -310,3 +324,44 @@ def make_synthetic_detection(
     ann_file = root / "annotations.json"
     ann_file.write_text(json.dumps(dataset))
     return SyntheticDetectionFiles(root, ann_file, root / "images")
+
+
+def _arguments(**kwargs: Any) -> dict[str, Any]:
+    """The generator's arguments as JSON stores them (tuples become lists)."""
+    return dict(json.loads(json.dumps(kwargs)))
+
+
+def ensure_synthetic_detection(root: str | Path, **kwargs: Any) -> SyntheticDetectionFiles:
+    """The synthetic set in ``root``: generated on the first call, reused on later ones.
+
+    A set is reused only when ``root/annotations.json`` records the same generator
+    arguments (:func:`make_synthetic_detection` writes them into its ``info``); a folder
+    holding a set made with other arguments is refused, never overwritten.
+
+    Args:
+        root: the set's folder.
+        **kwargs: :func:`make_synthetic_detection` arguments other than ``root`` and
+            ``overwrite``.
+    """
+    import inspect
+
+    if "overwrite" in kwargs:
+        raise ValueError("ensure_synthetic_detection never overwrites; remove 'overwrite'")
+    params = inspect.signature(make_synthetic_detection).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise TypeError(f"unknown synthetic detection arguments {unknown}")
+    wanted = _arguments(
+        **{n: kwargs.get(n, p.default) for n, p in params.items() if n not in ("root", "overwrite")}
+    )
+    root = Path(root)
+    ann_file = root / "annotations.json"
+    if ann_file.exists():
+        info = json.loads(ann_file.read_text()).get("info", {})
+        if info.get("arguments") != wanted:
+            raise ValueError(
+                f"{root} holds a synthetic set made with other arguments "
+                f"({info.get('arguments')}); pick another root or delete that folder"
+            )
+        return SyntheticDetectionFiles(root, ann_file, root / "images")
+    return make_synthetic_detection(root, **kwargs)

@@ -1,5 +1,6 @@
 """Metrics of a trained model on a labeled pool (the quantity an AL curve plots)."""
 
+from taskal.evaluation.class_quality import class_quality
 from taskal.evaluation.coco_map import coco_map, default_background, detections_to_coco
 
-__all__ = ["coco_map", "default_background", "detections_to_coco"]
+__all__ = ["class_quality", "coco_map", "default_background", "detections_to_coco"]

@@ -1,9 +1,12 @@
 """Simulated active learning with a ground-truth oracle, and its reports."""
 
+from taskal.simulation.detection import DetectionSimulation, DetSimulationConfig
 from taskal.simulation.loop import Simulation, SimulationConfig, resolve_strategies
 from taskal.simulation.report import aulc, format_table, plot_curves, summarize
 
 __all__ = [
+    "DetSimulationConfig",
+    "DetectionSimulation",
     "Simulation",
     "SimulationConfig",
     "aulc",

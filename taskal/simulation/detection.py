@@ -5,6 +5,10 @@ from the same seed-dependent initial images and model initialisation each round,
 always runs, and the curve records the metric (COCO box mAP on a held-out split, from
 pycocotools) against the number of labeled images. Queries are whole images; box queries
 need training on partially annotated images, which is not built yet.
+
+Per strategy, the round's detector gets what the strategy reads: a jointly trained
+loss-prediction module for ``llal`` (on the FPN levels), and the per-class quality on the
+labeled images (:func:`~taskal.evaluation.class_quality`) for difficulty-calibrated scores.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import torch
 
 from taskal.adapters.torchvision_detection import TorchvisionDetectionAdapter
 from taskal.data.coco import CocoDetectionPool
-from taskal.evaluation import coco_map
+from taskal.evaluation import class_quality, coco_map
+from taskal.llal.module import LossPredictionModule
 from taskal.simulation.loop import _dataclass_from, resolve_strategies
 from taskal.simulation.rounds import RoundLoop, mix_seed
 from taskal.strategies.base import QueryStrategy
+from taskal.training import LLALConfig
 from taskal.training_det import DetTrainConfig, train_detector
 from taskal.types import Adapter, ItemId
 
@@ -40,6 +46,7 @@ class DetSimulationConfig:
             ``dict(type="torchvision_detection", name="retinanet_resnet50_fpn")``;
             ``num_classes`` is filled from the data (plus one for Faster R-CNN's background).
         train: :class:`~taskal.training_det.DetTrainConfig` fields.
+        llal: :class:`~taskal.training.LLALConfig` fields for ``llal`` strategies.
         batch_size: images per forward while scoring and evaluating.
         device: where models run.
         progress: show progress bars.
@@ -52,6 +59,7 @@ class DetSimulationConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     model: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    llal: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 8
     device: str = "cpu"
     progress: bool = True
@@ -71,12 +79,13 @@ class DetSimulationConfig:
                 "dict(type='torchvision_detection', name='retinanet_resnet50_fpn')"
             )
         self.train_cfg = _dataclass_from(DetTrainConfig, self.train, "train")
+        self.llal_cfg = _dataclass_from(LLALConfig, self.llal, "al.llal")
         for label, strategy in resolve_strategies(self.strategies):
-            if strategy.sampling == "ensemble" or "loss_pred" in strategy.needs:
+            if strategy.sampling == "ensemble":
                 raise ValueError(
-                    f"strategy {label!r} needs an ensemble or a loss-prediction module, which "
-                    "the detection simulation does not train yet; use uncertainty, MC-dropout, "
-                    "core-set, two-stage or random strategies"
+                    f"strategy {label!r} scores a deep ensemble, which the detection "
+                    "simulation does not train yet; use uncertainty, MC-dropout, LLAL, "
+                    "core-set, BADGE, two-stage, difficulty-calibrated or random strategies"
                 )
 
 
@@ -95,6 +104,10 @@ class DetectionSimulation(RoundLoop):
         self.strategies = resolve_strategies(cfg.strategies)
         self.select_batch_size = cfg.batch_size
 
+    def annotation_cost(self, labeled: list[ItemId]) -> float:
+        """Boxes drawn to label ``labeled`` whole (their ground-truth annotations)."""
+        return float(sum(len(self.pool.coco.getAnnIds(imgIds=[i])) for i in labeled))
+
     def evaluate(self, adapter: Adapter) -> float:
         """COCO box mAP (pycocotools) on the test split."""
         return coco_map(adapter, self.test, batch_size=self.cfg.batch_size)["mAP"]
@@ -102,17 +115,27 @@ class DetectionSimulation(RoundLoop):
     def train(
         self, strategy: QueryStrategy, labeled: list[ItemId], seed: int, r: int
     ) -> TorchvisionDetectionAdapter:
-        """A fresh detector trained on ``labeled`` for round ``r`` (the same for every
-        strategy: the detection simulation trains no ensembles or loss predictors)."""
+        """A fresh detector trained on ``labeled`` for round ``r`` (the same initialisation
+        for every strategy), with a loss predictor or class quality where the strategy
+        reads one."""
         torch.manual_seed(mix_seed(seed, r, 0))
         model_cfg = copy.deepcopy(self.cfg.model)
         adapter = TorchvisionDetectionAdapter(self._num_classes(model_cfg), device=self.cfg.device)
+        llal = None
+        if "loss_pred" in strategy.needs:
+            infos = [f for f in adapter.feature_info if f.name == "fpn"] or adapter.feature_info
+            llal = LossPredictionModule(infos, hidden=self.cfg.llal_cfg.hidden)
         g = torch.Generator().manual_seed(mix_seed(seed, r, 2))
-        train_detector(adapter, self.pool, labeled, self.cfg.train_cfg, g)
+        cfg = self.cfg
+        train_detector(adapter, self.pool, labeled, cfg.train_cfg, g, False, llal, cfg.llal_cfg)
+        if "class_quality" in strategy.needs:
+            adapter.class_quality = class_quality(
+                adapter, self.pool, labeled, batch_size=self.cfg.batch_size
+            )
         return adapter
 
     def _num_classes(self, model_cfg: dict[str, Any]) -> dict[str, Any]:
-        name = str(model_cfg.get("name", ""))
+        name = str(model_cfg.get("name", model_cfg.get("arch", "")))
         background = 1 if name.startswith(("fasterrcnn", "faster_rcnn")) else 0
         model_cfg.setdefault("num_classes", len(self.pool.classes) + background)
         return model_cfg

@@ -39,6 +39,8 @@ def curves_by_strategy(results: dict[str, Any]) -> dict[str, dict[str, np.ndarra
             "train_seconds": np.asarray([[p["train_seconds"] for p in r["curve"]] for r in runs]),
             "seeds": np.asarray([r["seed"] for r in runs]),
         }
+        if all("cost" in p for r in runs for p in r["curve"]):
+            out[name]["cost"] = np.asarray([[p["cost"] for p in r["curve"]] for r in runs])
     return out
 
 
@@ -78,6 +80,7 @@ def summarize(results: dict[str, Any], baseline: str = "random") -> list[dict[st
                 "labels_to_baseline_final": labels_to_reach(
                     c["labeled"], c["metric"].mean(0), base_final
                 ),
+                "cost_to_baseline_final": _cost_to_reach(c, base_final),
                 "aulc_delta": float(np.mean(paired)) if paired else float("nan"),
                 "aulc_delta_wins": int(sum(d > 0 for d in paired)),
                 "num_seeds": len(c["seeds"]),
@@ -91,21 +94,38 @@ def summarize(results: dict[str, Any], baseline: str = "random") -> list[dict[st
     return rows
 
 
-def format_table(rows: list[dict[str, Any]], metric: str, baseline: str = "random") -> str:
-    """A Markdown table of :func:`summarize` rows."""
+def _cost_to_reach(c: dict[str, np.ndarray], target: float) -> float | None:
+    """Mean annotation cost (over seeds) at the first round whose mean metric reaches
+    ``target``; ``None`` without recorded costs or if never reached."""
+    if "cost" not in c:
+        return None
+    hits = np.nonzero(c["metric"].mean(0) >= target - 1e-12)[0]
+    return float(c["cost"][:, hits[0]].mean()) if len(hits) else None
+
+
+def format_table(
+    rows: list[dict[str, Any]], metric: str, baseline: str = "random", cost: str | None = None
+) -> str:
+    """A Markdown table of :func:`summarize` rows (with a cost column when ``cost`` names
+    the unit of recorded annotation costs, e.g. ``"boxes"``)."""
+    cost_head = f" {cost} to reach {baseline}'s final |" if cost else ""
     head = (
         f"| strategy | AULC ({metric}) | Δ AULC vs {baseline} (seeds better) | final {metric} | "
-        f"labels to reach {baseline}'s final | select s/round | train s/round |\n"
-        "|---|---|---|---|---|---|---|\n"
+        f"labels to reach {baseline}'s final |{cost_head} select s/round | train s/round |\n"
+        "|---|---|---|---|---|" + ("---|" if cost else "") + "---|---|\n"
     )
     lines = []
     for r in rows:
         reach = r["labels_to_baseline_final"]
+        cost_cell = ""
+        if cost:
+            spent = r.get("cost_to_baseline_final")
+            cost_cell = f" {spent:.0f} |" if spent is not None else " not reached |"
         lines.append(
             f"| {r['strategy']} | {r['aulc_mean']:.4f} ± {r['aulc_std']:.4f} | "
             f"{r['aulc_delta']:+.4f} ({r['aulc_delta_wins']}/{r['num_seeds']}) | "
             f"{r['final_mean']:.4f} ± {r['final_std']:.4f} | "
-            f"{reach if reach is not None else 'not reached'} | "
+            f"{reach if reach is not None else 'not reached'} |{cost_cell} "
             f"{r['select_seconds']:.2f} | {r['train_seconds']:.2f} |"
         )
     return head + "\n".join(lines) + "\n"

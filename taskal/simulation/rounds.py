@@ -60,6 +60,11 @@ class RoundLoop:
         """The curve's metric on the held-out split."""
         raise NotImplementedError
 
+    def annotation_cost(self, labeled: list[ItemId]) -> float | None:
+        """What labeling ``labeled`` cost (recorded as the curve's ``cost``); ``None`` when
+        the task counts labels only."""
+        return None
+
     def run(self) -> list[dict[str, Any]]:
         """All runs as ``{"strategy", "seed", "curve"}`` dicts."""
         total = len(self.strategies) * len(self.cfg.seeds) * (self.cfg.rounds + 1)
@@ -95,14 +100,15 @@ class RoundLoop:
                 queries = selector.select(adapter, self.pool, labeled, cfg.budget, g)
                 select_seconds = time.perf_counter() - t1
                 labeled = labeled + [q.item for q in queries]
-            curve.append(
-                {
-                    "labeled": n_labeled,
-                    "metric": metric,
-                    "select_seconds": select_seconds,
-                    "train_seconds": train_seconds,
-                }
-            )
+            point = {
+                "labeled": n_labeled,
+                "metric": metric,
+                "select_seconds": select_seconds,
+                "train_seconds": train_seconds,
+            }
+            if (cost := self.annotation_cost(labeled[:n_labeled])) is not None:
+                point["cost"] = cost
+            curve.append(point)
             if bar is not None:
                 bar.update(1)
         return curve

@@ -2,6 +2,7 @@
 
 from taskal.strategies.balanced import ClassBalanced
 from taskal.strategies.base import QueryStrategy, ScoreStrategy, UnitScoreStrategy
+from taskal.strategies.difficulty import DifficultyCalibrated
 from taskal.strategies.diversity import BADGE, CoreSet
 from taskal.strategies.hybrid import TwoStage
 from taskal.strategies.llal import LearningLoss
@@ -22,6 +23,7 @@ __all__ = [
     "BALD",
     "ClassBalanced",
     "CoreSet",
+    "DifficultyCalibrated",
     "EnsembleKL",
     "Entropy",
     "LearningLoss",
