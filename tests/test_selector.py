@@ -20,6 +20,7 @@ def _adapter(seed: int = 0) -> ClassificationAdapter:
     torch.manual_seed(seed)
     adapter = ClassificationAdapter(SmallCNN(1, 3, width=4), input_shape=(1, 8, 8))
     adapter.attach_loss_predictor(LossPredictionModule(adapter.feature_info, hidden=8))
+    adapter.class_quality = torch.tensor([0.9, 0.5, 0.1])  # difficulty_calibrated reads it
     return adapter
 
 

@@ -32,7 +32,9 @@ from taskal.functional.reduction import ITEM_REDUCTIONS
 from taskal.types import BatchOutputs, PoolOutputs, Predictions
 
 #: what a strategy can ask the selector to gather.
-REQUIREMENTS = frozenset({"probs", "item_probs", "embeddings", "labeled_embeddings", "loss_pred"})
+REQUIREMENTS = frozenset(
+    {"probs", "item_probs", "embeddings", "labeled_embeddings", "loss_pred", "class_quality"}
+)
 #: how predictions are sampled: one eval pass, MC dropout, or an ensemble's members.
 SAMPLINGS = ("deterministic", "mc_dropout", "ensemble")
 

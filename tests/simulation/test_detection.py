@@ -71,8 +71,7 @@ def test_seeds_reproduce(split, tiny_detector: str) -> None:  # type: ignore[no-
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"strategies": ["vote_entropy"]}, "needs an ensemble or a loss-prediction module"),
-        ({"strategies": ["llal"]}, "needs an ensemble or a loss-prediction module"),
+        ({"strategies": ["vote_entropy"]}, "scores a deep ensemble"),
         ({"model": {}}, "MODELS config of a torchvision detector"),
         ({"train": {"stop": 1}}, r"train does not take \['stop'\]"),
         ({"budget": 0}, "budget must be a positive integer"),

@@ -18,7 +18,8 @@ def registered_names() -> list[str]:
 
 
 def make_batch(n: int = 40, c: int = 4, k: int = 5, d: int = 6, seed: int = 0) -> BatchOutputs:
-    """Image-level softmax predictions, embeddings and predicted losses of ``n`` items."""
+    """Image-level softmax predictions, embeddings, predicted losses and per-class quality
+    of ``n`` items."""
     g = torch.Generator().manual_seed(seed)
     probs = (torch.randn(n, c, k, generator=g) * 2).softmax(1)
     return BatchOutputs(
@@ -26,6 +27,7 @@ def make_batch(n: int = 40, c: int = 4, k: int = 5, d: int = 6, seed: int = 0) -
         predictions=Predictions(probs, torch.arange(n)),
         embeddings_BD=torch.randn(n, d, generator=g),
         loss_pred_B=torch.rand(n, generator=g),
+        class_quality_C=torch.rand(c, generator=g),
     )
 
 
@@ -56,6 +58,7 @@ def permute(batch: BatchOutputs, perm: torch.Tensor) -> BatchOutputs:
         Predictions(p.probs_UCK[perm], torch.arange(len(perm))),
         batch.embeddings_BD[perm],
         batch.loss_pred_B[perm],
+        batch.class_quality_C,
     )
 
 

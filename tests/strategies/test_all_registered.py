@@ -32,6 +32,7 @@ def test_expected_strategies_registered() -> None:
         "badge",
         "two_stage",
         "hybrid",
+        "difficulty_calibrated",
     ]:
         assert name in NAMES
 
@@ -108,6 +109,7 @@ def test_sigmoid_heads_score(name: str) -> None:
         probs = torch.rand(12, c, 4, generator=g)
         batch = make_batch(n=12)
         batch.predictions = Predictions(probs, torch.arange(12), kind="sigmoid")
+        batch.class_quality_C = torch.rand(c, generator=g)
         scores = build(name).score_batch(batch)
         assert scores is not None and scores.shape == (12,) and torch.isfinite(scores).all()
 
