@@ -433,7 +433,7 @@ def test_the_repository_config_loads_and_builds() -> None:
     assert cfg.train_cfg.max_epochs == 12 and cfg.optim_wrapper.optimizer.lr == 0.01
     assert tuple(cfg.train_dataloader.dataset.metainfo.classes) == CLASSES
     resize = [t for t in cfg.train_dataloader.dataset.pipeline if t.type == "Resize"]
-    assert resize[0].scale == (128, 128)
+    assert resize[0].scale == (96, 96)
     model = build(MODELS, dict(cfg.model))
     assert type(model).__name__ == "RetinaNet"
     assert model.bbox_head.num_classes == len(CLASSES)

@@ -24,9 +24,9 @@ image_scale = (96, 96)
 
 model = dict(
     type="mmdet.RetinaNet",  # scoped, so that taskal.registry.MODELS builds it too
-    # from scratch: no download, and nothing frozen (the shipped frozen stem and BatchNorm
-    # statistics assume ImageNet weights)
-    backbone=dict(init_cfg=None, frozen_stages=-1, norm_eval=False),
+    # from scratch, nothing downloaded; the shipped frozen stem and norm_eval stay as they
+    # are (with random weights they act as a fixed random projection and identity BN)
+    backbone=dict(init_cfg=None),
     bbox_head=dict(num_classes=3),  # len(classes)
 )
 
