@@ -60,3 +60,47 @@ def test_faster_rcnn_trains_every_pool_class_as_foreground(pool) -> None:  # typ
     adapter = TorchvisionDetectionAdapter(faster_rcnn(num_classes=len(pool.classes) + 1))
     loss = adapter.per_sample_loss(batch)
     assert loss.shape == (2,) and torch.isfinite(loss).all()
+
+
+def test_badge_averages_box_softmax_per_image() -> None:
+    """Image-level distribution of box units: the mean of the image's boxes, all background
+    for an image without boxes; sigmoid scores and background-less boxes are refused."""
+    from taskal.selector import _item_probs
+    from taskal.strategies import BADGE
+    from taskal.types import Predictions
+
+    probs = torch.tensor([[0.1, 0.6, 0.3], [0.3, 0.2, 0.5], [0.5, 0.5, 0.0]]).unsqueeze(-1)
+    p = Predictions(probs, torch.tensor([0, 0, 2]))
+    out = _item_probs(p, 3, BADGE(), background=0)
+    assert torch.allclose(out[0], torch.tensor([0.2, 0.4, 0.4]))
+    assert torch.equal(out[1], torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.allclose(out[2], torch.tensor([0.5, 0.5, 0.0]))
+    with pytest.raises(ValueError, match="background column"):
+        _item_probs(p, 3, BADGE(), background=None)
+    with pytest.raises(ValueError, match="sigmoid"):
+        _item_probs(Predictions(probs, torch.tensor([0, 0, 2]), "sigmoid"), 3, BADGE(), 0)
+
+
+@pytest.mark.parametrize("strategy", ["badge", "coreset", {"type": "hybrid", "first": "entropy"}])
+def test_diversity_strategies_select_detection_images(pool, strategy: object) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    adapter = TorchvisionDetectionAdapter(faster_rcnn(num_classes=len(pool.classes) + 1))
+    picks = Selector(strategy, batch_size=3, progress=False).select(  # type: ignore[arg-type]
+        adapter, pool, pool.ids[:2], 3
+    )
+    assert len({q.item for q in picks}) == 3 and not {q.item for q in picks} & set(pool.ids[:2])
+
+
+def test_difficulty_calibrated_needs_class_quality(pool) -> None:  # type: ignore[no-untyped-def]
+    from taskal.evaluation import class_quality
+
+    torch.manual_seed(0)
+    adapter = TorchvisionDetectionAdapter(faster_rcnn(num_classes=len(pool.classes) + 1))
+    selector = Selector("difficulty_calibrated", batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="no class_quality"):
+        selector.select(adapter, pool, pool.ids[:2], 2)
+    adapter.class_quality = class_quality(adapter, pool, pool.ids[:2])
+    assert adapter.class_quality.shape == (len(pool.classes),)
+    assert ((adapter.class_quality >= 0) & (adapter.class_quality <= 1)).all()
+    picks = selector.select(adapter, pool, pool.ids[:2], 2)
+    assert len({q.item for q in picks}) == 2

@@ -125,3 +125,39 @@ def test_a_diverging_loss_stops_with_advice(pool: CocoDetectionPool) -> None:
 def test_config_is_validated(field: str, value: float, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DetTrainConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_llal_trains_jointly_and_attaches(pool: CocoDetectionPool) -> None:
+    """The loss predictor learns from per-image detection losses, flips to detached after
+    stop_grad_fraction of the epochs, and ends attached to the adapter."""
+    from taskal.llal import LossPredictionModule
+    from taskal.training import LLALConfig
+
+    adapter = _adapter("faster_rcnn", pool)
+    fpn = [f for f in adapter.feature_info if f.name == "fpn"]
+    llal = LossPredictionModule(fpn, hidden=8)
+    detach_flags: list[bool] = []
+    original = llal.forward
+
+    def spy(feats, detach=False):  # type: ignore[no-untyped-def]
+        detach_flags.append(detach)
+        return original(feats, detach=detach)
+
+    llal.forward = spy  # type: ignore[method-assign]
+    before = [p.detach().clone() for p in llal.parameters()]
+    stats = train_detector(
+        adapter,
+        pool,
+        pool.ids,
+        _cfg("faster_rcnn", epochs=2),
+        torch.Generator().manual_seed(0),
+        llal=llal,
+        llal_cfg=LLALConfig(stop_grad_fraction=0.5),
+    )
+    assert "llal_loss" in stats and torch.isfinite(torch.tensor(stats["loss"]))
+    # 6 images per epoch, one forward each: epoch 0 trains through, epoch 1 is detached
+    assert detach_flags == [False] * 6 + [True] * 6
+    assert any(not torch.equal(a, b) for a, b in zip(before, llal.parameters(), strict=True))
+    assert adapter.loss_predictor is llal
+    batch = pool.take(pool.ids[:3]).without_labels()
+    assert adapter.predict_loss(batch).shape == (3,)

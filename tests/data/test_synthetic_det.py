@@ -129,3 +129,18 @@ def test_registered_builder_returns_the_paths(tmp_path: Path) -> None:
     files = build(DATASETS, dict(type="synthetic_detection", root=str(tmp_path), num_images=2))
     assert files.ann_file.is_file() and len(list(files.img_dir.iterdir())) == 2
     assert np.asarray(Image.open(files.img_dir / "000001.png")).shape == (64, 64, 3)
+
+
+def test_ensure_reuses_the_same_set_and_refuses_another(tmp_path: Path) -> None:
+    from taskal.data import ensure_synthetic_detection
+
+    root = tmp_path / "set"
+    first = ensure_synthetic_detection(root, num_images=3, image_size=(32, 32), seed=4)
+    stamp = first.ann_file.stat().st_mtime_ns
+    again = ensure_synthetic_detection(root, num_images=3, image_size=(32, 32), seed=4)
+    assert again == first and first.ann_file.stat().st_mtime_ns == stamp  # not rewritten
+    with pytest.raises(ValueError, match="made with other arguments"):
+        ensure_synthetic_detection(root, num_images=4, image_size=(32, 32), seed=4)
+    assert first.ann_file.stat().st_mtime_ns == stamp
+    with pytest.raises(TypeError, match="unknown synthetic detection arguments"):
+        ensure_synthetic_detection(tmp_path / "other", sizes=3)

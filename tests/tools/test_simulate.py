@@ -110,3 +110,43 @@ def test_pick_diagnostics_reports_classes_and_llal_rank() -> None:
 def test_image_size_needs_an_image_folder(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="image folder"):
         _run(["--image-size", "16", "--output-dir", str(tmp_path / "x"), "--no-progress"])
+
+
+def test_detection_task_writes_map_and_box_costs(tmp_path: Path) -> None:
+    """--task det: the shipped det config on a tiny synthetic set, COCO mAP and boxes."""
+    out = tmp_path / "det"
+    results = _run(
+        [
+            "--task",
+            "det",
+            "--strategies",
+            "entropy",
+            "--initial",
+            "2",
+            "--budget",
+            "2",
+            "--rounds",
+            "1",
+            "--seeds",
+            "0",
+            "--output-dir",
+            str(out),
+            "--no-progress",
+            "--cfg-options",
+            f"dataset.root={tmp_path / 'shapes'}",
+            "dataset.num_images=12",
+            "test_fraction=0.25",
+            "model.width=4",
+            "train.epochs=1",
+            "train.min_epoch_items=4",
+        ]
+    )
+    assert results["task"] == "det" and results["metric"] == "mAP"
+    assert [r["strategy"] for r in results["runs"]] == ["random", "entropy"]
+    for run in results["runs"]:
+        assert [p["labeled"] for p in run["curve"]] == [2, 4]
+        assert all(p["cost"] >= 0 and 0.0 <= p["metric"] <= 1.0 for p in run["curve"])
+    summary = (out / "summary.md").read_text()
+    assert "9 pool / 3 test" in summary and "boxes to reach random's final" in summary
+    assert (out / "learning_curve.png").stat().st_size > 0
+    assert Config.fromfile(str(out / "config.py")).task == "det"
