@@ -85,7 +85,9 @@ def test_badge_averages_box_softmax_per_image() -> None:
 def test_diversity_strategies_select_detection_images(pool, strategy: object) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     adapter = TorchvisionDetectionAdapter(faster_rcnn(num_classes=len(pool.classes) + 1))
-    picks = Selector(strategy, batch_size=3, progress=False).select(  # type: ignore[arg-type]
+    picks = Selector(
+        strategy, batch_size=3, progress=False
+    ).select(  # type: ignore[arg-type]
         adapter, pool, pool.ids[:2], 3
     )
     assert len({q.item for q in picks}) == 3 and not {q.item for q in picks} & set(pool.ids[:2])
