@@ -30,7 +30,10 @@ from mmengine.utils import import_modules_from_strings
 ADAPTERS = Registry("adapter", scope="taskal", locations=["taskal.adapters"])
 QUERY_STRATEGIES = Registry("query strategy", scope="taskal", locations=["taskal.strategies"])
 MODELS = Registry(
-    "model", parent=MMENGINE_MODELS, scope="taskal", locations=["taskal.models", "taskal.detectors"]
+    "model",
+    parent=MMENGINE_MODELS,
+    scope="taskal",
+    locations=["taskal.models", "taskal.detectors", "taskal.llal.mmdet"],
 )
 DATASETS = Registry("dataset", parent=MMENGINE_DATASETS, scope="taskal", locations=["taskal.data"])
 

@@ -135,6 +135,7 @@ def train_mmdet(
     train_cfg: MMDetTrainConfig,
     seed: int,
     model: nn.Module | None = None,
+    hooks: Sequence[Hook] = (),
 ) -> nn.Module:
     """Train an mmdet detector on ``pool``'s labeled images with mmengine's ``Runner``.
 
@@ -155,6 +156,9 @@ def train_mmdet(
             bias), a trained one keeps its weights. Set ``model.is_init = True`` after
             loading weights into a fresh model yourself, or they are re-initialised. The
             Runner moves it to its device (the GPU when there is one).
+        hooks: extra mmengine hooks registered on the Runner (e.g.
+            :class:`taskal.llal.mmdet.LLALStopGradHook` for an
+            :class:`~taskal.llal.mmdet.LLALDetector`).
 
     Returns:
         The trained detector (``model`` itself when given), unwrapped, in eval mode.
@@ -183,6 +187,8 @@ def train_mmdet(
         runner = _build_runner(run_cfg, model)
         det: nn.Module = runner.model.module if is_model_wrapper(runner.model) else runner.model
         runner.register_hook(_FiniteLossHook())
+        for hook in hooks:
+            runner.register_hook(hook)
         try:
             _check_num_classes(det, len(pool.classes))
             runner.train()
@@ -484,7 +490,7 @@ def _check_num_classes(model: nn.Module, num_classes: int) -> None:
     """Every head's ``num_classes`` (the RPN's aside) must be the pool's."""
     for name, module in model.named_modules():
         n = getattr(module, "num_classes", None)
-        if _is_int(n) and not name.startswith("rpn_head") and n != num_classes:
+        if _is_int(n) and "rpn_head" not in name.split(".") and n != num_classes:
             raise ValueError(
                 f"the detector's {name or 'model'} has num_classes={n} but the pool has "
                 f"{num_classes} classes; set num_classes={num_classes} in its config"
