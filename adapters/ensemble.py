@@ -43,10 +43,12 @@ class EnsembleAdapter(Adapter):
         tasks = {m.task for m in members}
         classes = {m.num_classes for m in members}
         kinds = {m.prob_kind for m in members}
-        if len(tasks) != 1 or len(classes) != 1 or len(kinds) != 1:
+        backgrounds = {getattr(m, "background", None) for m in members}
+        if len(tasks) != 1 or len(classes) != 1 or len(kinds) != 1 or len(backgrounds) != 1:
             raise ValueError(
                 f"ensemble members disagree: tasks {tasks}, classes {classes}, probability "
-                f"kinds {kinds}; combine adapters of one task with the same classes"
+                f"kinds {kinds}, background columns {backgrounds}; combine adapters of one "
+                "task with the same classes"
             )
         self.members = members
         self.task = members[0].task
@@ -60,6 +62,11 @@ class EnsembleAdapter(Adapter):
     @property
     def num_classes(self) -> int:
         return self.members[0].num_classes
+
+    @property
+    def background(self) -> int | None:
+        """The members' background column (they agree), ``None`` when they have none."""
+        return getattr(self.members[0], "background", None)
 
     @property
     def feature_info(self) -> list[FeatureInfo]:

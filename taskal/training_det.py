@@ -97,9 +97,10 @@ def train_detector(
     """Train ``adapter.model`` on the labeled images of ``pool`` in place.
 
     With ``llal`` a loss-prediction module (Learning Loss, Yoo & Kweon 2019) on the
-    adapter's feature layers is trained jointly: its target is each image's detection loss
-    (the sum of the model's loss dict), so every image of a step runs its own forward (the
-    step's gradient is the mean over them), and its ranking loss is added with weight
+    adapter's feature layers is trained jointly: the detector's step is unchanged, the
+    module reads the layers captured in its forward, its target is each image's detection
+    loss (the sum of the model's loss dict, from ``adapter.per_sample_loss``: one extra
+    forward per image without gradient), and its ranking loss is added with weight
     ``llal_cfg.weight``; after ``llal_cfg.stop_grad_fraction`` of the epochs it no longer
     back-propagates into the detector. The trained module is attached to the adapter for
     the ``llal`` strategy.
@@ -216,26 +217,27 @@ def _llal_step(
     llal_cfg: LLALConfig,
     detach: bool,
 ) -> dict[str, float]:
-    """One SGD step with the loss-prediction module: one forward per image."""
+    """One SGD step with the loss-prediction module.
+
+    The detector trains exactly as in :func:`_step` (one batched forward, its batch loss);
+    the module reads the feature layers captured in that forward and is ranked against
+    each image's loss from :meth:`~TorchvisionDetectionAdapter.per_sample_loss` (no
+    gradient, BatchNorm in eval, the RoI sampling seeded apart from the global RNG), so
+    only the ranking loss's gradient tells an LLAL-trained detector from another.
+    """
     device = next(adapter.model.parameters()).device
     images = [x.to(device) for x in batch.inputs]
     targets = adapter.model_targets(batch)
     _check_labels(adapter, batch, targets)
-    per_image, preds = [], []
-    totals: dict[str, float] = {}
-    for image, target in zip(images, targets, strict=True):
-        with adapter.capture_features(llal.layers) as feats:
-            loss_dict: dict[str, Tensor] = adapter.model([image], [target])
-        loss_i = torch.stack([v.float() for v in loss_dict.values()]).sum()
-        _check_finite(loss_i, loss_dict, batch, epoch, optim)
-        per_image.append(loss_i)
-        preds.append(llal(feats, detach=detach))
-        for k, v in loss_dict.items():
-            totals[k] = totals.get(k, 0.0) + float(v.detach()) / len(images)
-    loss_B = torch.stack(per_image)
-    rank = loss_ranking_loss(torch.cat(preds), loss_B, llal_cfg.margin)
-    _backward_step(loss_B.mean() + llal_cfg.weight * rank, optim, cfg)
-    return {**totals, "loss": float(loss_B.detach().mean()), "llal_loss": float(rank.detach())}
+    with adapter.capture_features(llal.layers) as feats:
+        loss_dict: dict[str, Tensor] = adapter.model(images, targets)
+    loss = torch.stack([v.float() for v in loss_dict.values()]).sum()
+    _check_finite(loss, loss_dict, batch, epoch, optim)
+    target_B = adapter.per_sample_loss(batch)
+    rank = loss_ranking_loss(llal(feats, detach=detach), target_B, llal_cfg.margin)
+    _backward_step(loss + llal_cfg.weight * rank, optim, cfg)
+    out = {k: float(v.detach()) for k, v in loss_dict.items()}
+    return {**out, "loss": float(loss.detach()), "llal_loss": float(rank.detach())}
 
 
 def _check_finite(

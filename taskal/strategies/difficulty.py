@@ -100,13 +100,28 @@ class DifficultyCalibrated(UnitScoreStrategy):
         unc = F.entropy(p.probs_UCK, kind=p.kind)
         return torch.where(conf >= self.score_thr, unc * weights[label], torch.zeros_like(unc))
 
+    def confident(self, p: Predictions, background: int | None = None) -> Tensor:
+        """``[U]`` True for boxes whose detection score reaches ``score_thr``."""
+        fg = foreground(p.probs_UCK.mean(-1), background)
+        if not fg.shape[0]:
+            return torch.zeros(0, dtype=torch.bool, device=fg.device)
+        return fg.max(1).values >= self.score_thr
+
     def score_batch(self, outputs: BatchOutputs) -> Tensor:
+        """Per image, the reduction over its boxes at or above ``score_thr``; an image with
+        none scores ``empty_score``."""
         p = outputs.predictions
         if p is None or outputs.class_quality_C is None:
             raise ValueError(f"{type(self).__name__} needs predictions and class quality")
         scores_U = self.weighted_scores(p, outputs.class_quality_C, outputs.background)
+        keep = self.confident(p, outputs.background)
         return F.reduce_units(
-            scores_U, p.owner_U, len(outputs), self.reduction, self.top_k, self.empty_score
+            scores_U[keep],
+            p.owner_U[keep],
+            len(outputs),
+            self.reduction,
+            self.top_k,
+            self.empty_score,
         )
 
     def region_unit_scores(

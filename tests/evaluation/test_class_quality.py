@@ -24,9 +24,15 @@ class FixedBoxes(Adapter):
 
     task = "det"
 
-    def __init__(self, table: dict[str, tuple[Tensor, Tensor]], num_classes: int) -> None:
+    def __init__(
+        self,
+        table: dict[str, tuple[Tensor, Tensor]],
+        num_classes: int,
+        background: int | None = None,
+    ) -> None:
         self.table = table
         self._c = num_classes
+        self.background = background
         self._model = nn.Identity()
         self.seen_targets = False
 
@@ -108,8 +114,32 @@ def test_exact_boxes_score_their_probability(pool: CocoDetectionPool) -> None:
     assert not adapter.seen_targets  # predictions run on the batch without labels
 
 
-def test_missed_and_displaced_boxes(pool: CocoDetectionPool) -> None:
-    """No detection: quality 0. A detection shifted to IoU < 0.5: still 0."""
+def test_partial_overlap_and_a_background_column(pool: CocoDetectionPool) -> None:
+    """A box shifted to IoU 0.7 scores p^0.6 * 0.7^0.4; the background column (last, as in
+    mmdet's two-stage heads) is not a class; below iou_thr a detection counts as a miss."""
+    table = {}
+    present = torch.zeros(2, dtype=torch.bool)
+    for item in pool.ids:
+        boxes, labels = _gt(pool, str(item))
+        w = boxes[:, 2] - boxes[:, 0]
+        # shifting a box right by s * w leaves IoU (1 - s) / (1 + s): 0.7 at s = 3/17
+        shifted = boxes.clone()
+        shifted[:, [0, 2]] += w[:, None] * (3 / 17)
+        probs = torch.full((len(labels), 3), 0.1)  # [c0, c1, background]
+        probs[torch.arange(len(labels)), labels] = 0.8
+        table[str(item)] = (shifted, probs)
+        present[labels] = True
+    q = class_quality(FixedBoxes(table, num_classes=3, background=2), pool, pool.ids)
+    expected = torch.where(present, torch.tensor(0.8**0.6 * 0.7**0.4), torch.tensor(0.0))
+    assert torch.allclose(q, expected, atol=1e-4)
+    strict = class_quality(
+        FixedBoxes(table, num_classes=3, background=2), pool, pool.ids, iou_thr=0.75
+    )
+    assert torch.equal(strict, torch.zeros(2))
+
+
+def test_missed_boxes(pool: CocoDetectionPool) -> None:
+    """No detection overlapping a box: quality 0."""
     table = {}
     for item in pool.ids:
         boxes, labels = _gt(pool, str(item))

@@ -30,8 +30,8 @@ def test_bad_arguments_refused(kw: dict[str, float]) -> None:
 
 
 def _boxes() -> BatchOutputs:
-    """Two images: image 0 holds a box of class 0 and one of class 1, image 1 one faint box
-    (score under the threshold) and image 2 none. Softmax over 2 classes + background (0)."""
+    """Three images: image 0 holds a box of class 0 and one of class 1, image 1 one faint
+    box (score under the threshold) and image 2 none. Softmax over 2 classes + background (0)."""
     probs = torch.tensor(
         [
             [0.2, 0.6, 0.2],  # image 0, class 0 (columns: background, c0, c1)
@@ -55,6 +55,12 @@ def test_image_score_is_the_weighted_sum_over_confident_boxes() -> None:
     assert float(scores[0]) == pytest.approx(float(unc[0] * w[0] + unc[1] * w[1]), rel=1e-6)
     assert float(scores[1]) == 0.0  # its only box is below score_thr
     assert float(scores[2]) == 0.0  # no box at all (empty_score)
+    # faint boxes do not count as boxes: image 1 scores empty_score too, and a mean over
+    # image 0's boxes is not diluted by them
+    empty = DifficultyCalibrated(empty_score=5.0).score_batch(out)
+    assert float(empty[1]) == 5.0 and float(empty[2]) == 5.0
+    mean = DifficultyCalibrated(reduction="mean").score_batch(out)
+    assert float(mean[0]) == pytest.approx(float(scores[0]) / 2, rel=1e-6)
 
 
 def test_harder_class_weighs_more() -> None:
