@@ -40,8 +40,8 @@ def _stage(cin: int, cout: int) -> nn.Sequential:
 def small_backbone(width: int = 16, fpn_channels: int = 64) -> BackboneWithFPN:
     """Four stride-2 stages (``width``, 2x, 4x, 8x channels) under an FPN.
 
-    The FPN reads the stages at strides 4, 8 and 16 and adds a max-pooled level at 32, so
-    the detector sees four levels named ``"0"``..``"3"`` (as torchvision names them).
+    The FPN reads the stages at strides 4, 8 and 16 (levels ``"0"``..``"2"``) and adds a
+    max-pooled level at stride 32 (``"pool"``), as torchvision names them.
     """
     if width < 1 or fpn_channels < 1:
         raise ValueError(f"width and fpn_channels must be >= 1, got {width}, {fpn_channels}")

@@ -3,7 +3,7 @@
 :func:`queries_to_coco` turns a round's queries (:class:`taskal.queries.Query`) over a
 :class:`taskal.data.CocoDetectionPool` into a COCO detection dict, and
 :func:`write_coco_queries` writes it atomically. Every queried image appears once in
-``images`` with its pool ``id``, ``file_name``, ``width`` and ``height`` and three fields of
+``images`` with its pool ``id``, ``file_name``, ``width`` and ``height`` and four fields of
 its own:
 
 * ``al_task``: ``"draw"`` (a whole-image query: draw every object) or ``"verify"`` (a box
@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import numbers
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -38,6 +37,7 @@ from typing import Any
 
 import taskal
 from taskal.data.coco import BOX_TOLERANCE, CocoDetectionPool
+from taskal.functional.validation import is_int
 from taskal.queries import Query
 from taskal.types import ItemId
 
@@ -87,7 +87,7 @@ class AnnotationCost:
 
 
 def _count(n: int, name: str) -> int:
-    if not _is_int(n) or n < 0:
+    if not is_int(n) or n < 0:
         raise ValueError(f"{name} must be a whole number >= 0, got {n!r}")
     return int(n)
 
@@ -225,7 +225,7 @@ def _annotation(
     label = None
     if predictions is not None and q.region is not None:
         label = predictions.get((q.item, q.region))
-    if label is not None and not (_is_int(label) and 0 <= label < len(pool.classes)):
+    if label is not None and not (is_int(label) and 0 <= label < len(pool.classes)):
         raise ValueError(
             f"predicted class {label!r} of item {q.item!r} region {q.region!r} is not a class "
             f"index in 0..{len(pool.classes) - 1}; pass indices in the pool's label order"
@@ -241,10 +241,6 @@ def _annotation(
         "al_region": q.region,
         "al_task": "classify" if label is None else "verify",
     }
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _expected(

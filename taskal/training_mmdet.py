@@ -46,6 +46,7 @@ from mmengine.runner import Runner
 from torch import nn
 
 from taskal.data.coco import CocoDetectionPool
+from taskal.functional.validation import is_int
 from taskal.types import ItemId
 
 #: the labeled subset's annotation file, written into the work dir each call.
@@ -102,18 +103,18 @@ class MMDetTrainConfig:
         self.work_dir = Path(self.work_dir)
         for name in ("max_epochs", "batch_size"):
             value = getattr(self, name)
-            if value is not None and not (_is_int(value) and value >= 1):
+            if value is not None and not (is_int(value) and value >= 1):
                 raise ValueError(f"mmdet_train.{name} must be an int >= 1 or None, got {value!r}")
         if self.lr is not None and not (
             isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0
         ):
             raise ValueError(f"mmdet_train.lr must be a finite number > 0 or None, got {self.lr}")
-        if not (_is_int(self.min_epoch_items) and self.min_epoch_items >= 0):
+        if not (is_int(self.min_epoch_items) and self.min_epoch_items >= 0):
             raise ValueError(
                 f"mmdet_train.min_epoch_items must be an int >= 0, got {self.min_epoch_items!r}"
             )
         if self.num_workers is not None and not (
-            _is_int(self.num_workers) and self.num_workers >= 0
+            is_int(self.num_workers) and self.num_workers >= 0
         ):
             raise ValueError(
                 f"mmdet_train.num_workers must be an int >= 0 or None, got {self.num_workers!r}"
@@ -490,7 +491,7 @@ def _check_num_classes(model: nn.Module, num_classes: int) -> None:
     """Every head's ``num_classes`` (the RPN's aside) must be the pool's."""
     for name, module in model.named_modules():
         n = getattr(module, "num_classes", None)
-        if _is_int(n) and "rpn_head" not in name.split(".") and n != num_classes:
+        if is_int(n) and "rpn_head" not in name.split(".") and n != num_classes:
             raise ValueError(
                 f"the detector's {name or 'model'} has num_classes={n} but the pool has "
                 f"{num_classes} classes; set num_classes={num_classes} in its config"
@@ -516,10 +517,6 @@ def _close_log_files(runner: Runner) -> None:
         if hasattr(handler, "baseFilename"):
             handler.close()
             runner.logger.removeHandler(handler)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 __all__ = [

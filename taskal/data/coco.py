@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
+from taskal.functional.validation import is_int
 from taskal.registry import DATASETS
 from taskal.types import Batch, ItemId
 
@@ -146,13 +147,9 @@ def _entry(section: str, index: int, entry: Any) -> str:
     return f"{section}[{index}]"
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _is_whole(x: Any) -> bool:
     """An int, or a float with no fraction (some tools write ``640.0``)."""
-    return _is_int(x) or (isinstance(x, float) and math.isfinite(x) and x.is_integer())
+    return is_int(x) or (isinstance(x, float) and math.isfinite(x) and x.is_integer())
 
 
 def _is_number(x: Any) -> bool:
@@ -192,17 +189,17 @@ def _missing_keys(entry: Any, required: dict[str, Any]) -> str | None:
     return None
 
 
-_CATEGORY_KEYS = {"id": _is_int, "name": lambda v: isinstance(v, str)}
+_CATEGORY_KEYS = {"id": is_int, "name": lambda v: isinstance(v, str)}
 _IMAGE_KEYS = {
-    "id": _is_int,
+    "id": is_int,
     "file_name": lambda v: isinstance(v, str) and bool(v),
     "width": lambda v: _is_whole(v) and v > 0,
     "height": lambda v: _is_whole(v) and v > 0,
 }
 _ANNOTATION_KEYS = {
-    "id": _is_int,
-    "image_id": _is_int,
-    "category_id": _is_int,
+    "id": is_int,
+    "image_id": is_int,
+    "category_id": is_int,
     "bbox": lambda v: isinstance(v, list) and len(v) == 4 and all(_is_number(x) for x in v),
 }
 

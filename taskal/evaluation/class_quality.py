@@ -10,7 +10,7 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from taskal.evaluation.coco_map import default_background
-from taskal.strategies.difficulty import foreground
+from taskal.functional import foreground
 from taskal.types import ItemId
 
 

@@ -22,6 +22,7 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from taskal.data.coco import CocoDetectionPool
+from taskal.functional import foreground
 from taskal.types import ItemId, Predictions
 
 #: the metrics :func:`coco_map` returns, as indices into ``COCOeval.stats``.
@@ -63,11 +64,7 @@ def detections_to_coco(
         raise ValueError("coco_map needs detection units: the predictions carry no boxes_U4")
     probs_UC = predictions.probs_UCK.detach().float().mean(-1).cpu()
     num_columns = probs_UC.shape[1]
-    if background is not None:
-        if not 0 <= background < num_columns:
-            raise ValueError(f"background={background} is not a column of {num_columns} classes")
-        keep = [c for c in range(num_columns) if c != background]
-        probs_UC = probs_UC[:, keep]
+    probs_UC = foreground(probs_UC, background)
     if probs_UC.shape[1] != len(label_to_cat_id):
         raise ValueError(
             f"the adapter scores {probs_UC.shape[1]} foreground classes (of {num_columns} "

@@ -15,7 +15,13 @@ from taskal.functional.uncertainty import (
     variation_ratios,
     vote_entropy,
 )
-from taskal.functional.validation import check_budget, check_probs, check_scores
+from taskal.functional.validation import (
+    check_budget,
+    check_probs,
+    check_scores,
+    foreground,
+    is_int,
+)
 
 __all__ = [
     "badge_select",
@@ -24,8 +30,10 @@ __all__ = [
     "check_probs",
     "check_scores",
     "entropy",
+    "foreground",
     "gradient_factors",
     "gradient_sq_dists_to",
+    "is_int",
     "k_center_greedy",
     "kmeans_pp",
     "least_confidence",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
 import weakref
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -125,3 +127,20 @@ def check_budget(budget: int, pool_size: int) -> int:
             f"lower the budget to at most {pool_size} or add items to the pool."
         )
     return budget
+
+
+def is_int(x: Any) -> bool:
+    """An integer (Python's or numpy's), and not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def foreground(probs_UC: Tensor, background: int | None) -> Tensor:
+    """``probs_UC`` ``[U, C]`` without its background column (when the head has one:
+    column 0 for torchvision's Faster R-CNN, ``C - 1`` for mmdet's two-stage heads)."""
+    if background is None:
+        return probs_UC
+    if not 0 <= background < probs_UC.shape[1]:
+        raise ValueError(f"background={background} is not a column of {probs_UC.shape[1]} classes")
+    keep = torch.ones(probs_UC.shape[1], dtype=torch.bool, device=probs_UC.device)
+    keep[background] = False
+    return probs_UC[:, keep]

@@ -40,15 +40,6 @@ def class_weights(quality_C: Tensor, alpha: float = 0.3, upper: float = 0.2) -> 
     return 1.0 + alpha * upper * torch.log1p(b * (1.0 - q))
 
 
-def foreground(probs_UC: Tensor, background: int | None) -> Tensor:
-    """``probs_UC`` without its background column (when the head has one)."""
-    if background is None:
-        return probs_UC
-    keep = torch.ones(probs_UC.shape[1], dtype=torch.bool, device=probs_UC.device)
-    keep[background] = False
-    return probs_UC[:, keep]
-
-
 @QUERY_STRATEGIES.register_module(name="difficulty_calibrated")
 class DifficultyCalibrated(UnitScoreStrategy):
     """Sum of box entropies weighted by the box class's difficulty (PPAL's DCUS).
@@ -89,7 +80,7 @@ class DifficultyCalibrated(UnitScoreStrategy):
         self, p: Predictions, quality_C: Tensor, background: int | None = None
     ) -> Tensor:
         """``[U]`` weighted uncertainties, 0 for boxes scored below ``score_thr``."""
-        fg = foreground(p.probs_UCK.mean(-1), background)
+        fg = F.foreground(p.probs_UCK.mean(-1), background)
         if quality_C.numel() != fg.shape[1]:
             raise ValueError(
                 f"class_quality has {quality_C.numel()} classes but the predictions have "
@@ -102,7 +93,7 @@ class DifficultyCalibrated(UnitScoreStrategy):
 
     def confident(self, p: Predictions, background: int | None = None) -> Tensor:
         """``[U]`` True for boxes whose detection score reaches ``score_thr``."""
-        fg = foreground(p.probs_UCK.mean(-1), background)
+        fg = F.foreground(p.probs_UCK.mean(-1), background)
         if not fg.shape[0]:
             return torch.zeros(0, dtype=torch.bool, device=fg.device)
         return fg.max(1).values >= self.score_thr
