@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from taskal import functional as F
+from taskal.functional import foreground
 from taskal.selector import build_strategy
-from taskal.strategies.difficulty import DifficultyCalibrated, class_weights, foreground
+from taskal.strategies.difficulty import DifficultyCalibrated, class_weights
 from taskal.types import BatchOutputs, Predictions
 
 
