@@ -121,7 +121,7 @@ def train_detector(
             the detector's classes.
         FloatingPointError: a non-finite loss (training stops; lower ``cfg.lr``).
     """
-    ids = _check_ids(pool, labeled_ids)
+    ids = check_labeled_ids(pool, labeled_ids)
     llal_cfg = llal_cfg or LLALConfig()
     model = adapter.model
     device = next(model.parameters()).device
@@ -164,10 +164,13 @@ def train_detector(
     return stats
 
 
-def _check_ids(pool: DetectionPool, labeled_ids: Sequence[ItemId]) -> list[ItemId]:
+def check_labeled_ids(
+    pool: DetectionPool, labeled_ids: Sequence[ItemId], who: str = "train_detector"
+) -> list[ItemId]:
+    """``labeled_ids`` as a list, after checking it names distinct items of ``pool``."""
     ids = list(labeled_ids)
     if not ids:
-        raise ValueError("train_detector needs at least one labeled image, got none")
+        raise ValueError(f"{who} needs at least one labeled image, got none")
     known = set(pool.ids)
     missing = [i for i in ids if i not in known]
     if missing:
@@ -175,6 +178,8 @@ def _check_ids(pool: DetectionPool, labeled_ids: Sequence[ItemId]) -> list[ItemI
             f"{len(missing)} labeled ids are not items of the pool, e.g. {missing[:3]}; pass "
             "ids from pool.ids"
         )
+    if len(set(ids)) != len(ids):
+        raise ValueError("labeled ids repeat; pass each labeled image once")
     return ids
 
 
@@ -283,4 +288,4 @@ def _check_labels(
             )
 
 
-__all__ = ["DetTrainConfig", "train_detector"]
+__all__ = ["DetTrainConfig", "check_labeled_ids", "train_detector"]

@@ -47,6 +47,7 @@ from torch import nn
 
 from taskal.data.coco import CocoDetectionPool
 from taskal.functional.validation import is_int
+from taskal.training_det import check_labeled_ids
 from taskal.types import ItemId
 
 #: the labeled subset's annotation file, written into the work dir each call.
@@ -171,7 +172,7 @@ def train_mmdet(
         FloatingPointError: a non-finite loss; training stops at that step (lower the
             learning rate or clip gradients; the message says how).
     """
-    ids = _check_ids(pool, labeled_ids)
+    ids = check_labeled_ids(pool, labeled_ids, "train_mmdet")
     _check_no_downloads(cfg, model)
     if model is not None and cfg.get("load_from"):
         raise ValueError(
@@ -214,7 +215,7 @@ def write_labeled_coco(
     Raises:
         ValueError: no labeled ids, or ids that are not items of ``pool``.
     """
-    ids = _check_ids(pool, labeled_ids)
+    ids = check_labeled_ids(pool, labeled_ids, "train_mmdet")
     image_ids = [pool.image_id(i) for i in ids]
     data = {
         "info": {"description": f"labeled subset of {pool.ann_file}", "images": len(ids)},
@@ -422,22 +423,6 @@ def _build_runner(cfg: Config, model: nn.Module | None) -> Runner:
     params = inspect.signature(Runner.__init__).parameters
     kwargs = {k: copy.deepcopy(cfg[k]) for k in params if k in cfg and k not in ("model", "cfg")}
     return Runner(model=model, cfg=copy.deepcopy(cfg), **kwargs)
-
-
-def _check_ids(pool: CocoDetectionPool, labeled_ids: Sequence[ItemId]) -> list[ItemId]:
-    ids = list(labeled_ids)
-    if not ids:
-        raise ValueError("train_mmdet needs at least one labeled image, got none")
-    known = set(pool.ids)
-    missing = [i for i in ids if i not in known]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} labeled ids are not items of the pool, e.g. {missing[:3]}; pass "
-            "ids from pool.ids"
-        )
-    if len(set(ids)) != len(ids):
-        raise ValueError("labeled ids repeat; pass each labeled image once")
-    return ids
 
 
 def _check_no_downloads(cfg: Config, model: nn.Module | None) -> None:
