@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from taskal.functional import check_budget, check_probs, reduce_regions
+from taskal.functional import check_budget, check_probs, foreground, reduce_regions
 from taskal.functional.reduction import REDUCTIONS
 from taskal.queries import LabelState, Query
 from taskal.regions import RegionBuffer, region_boxes, unlabeled_regions
@@ -108,6 +108,7 @@ class _Stream:
             probs_NC=get("probs"),
             embeddings_ND=get("embeds"),
             loss_pred_N=get("losses"),
+            classes_N=get("classes"),
         )
 
 
@@ -256,7 +257,7 @@ class Selector:
             out = BatchOutputs(list(batch.ids), background=getattr(adapter, "background", None))
             if "class_quality" in needs:
                 out.class_quality_C = _class_quality(adapter, strategy)
-            if needs & {"probs", "item_probs"}:
+            if needs & {"probs", "item_probs", "item_class"}:
                 out.predictions = adapter.predict(batch, n_samples=n_samples)
                 check_probs(out.predictions.probs_UCK, out.predictions.kind)
             if needs & {"embeddings"}:
@@ -267,6 +268,9 @@ class Selector:
             if "item_probs" in needs:
                 probs = _item_probs(out.predictions, len(batch), strategy, out.background)
                 acc.write("probs", offset, probs)
+            if "item_class" in needs:
+                classes = _item_classes(out.predictions, len(batch), out.background)
+                acc.write("classes", offset, classes)
             if out.embeddings_BD is not None:
                 acc.write("embeds", offset, out.embeddings_BD)
             if regions is not None and out.predictions is not None:
@@ -369,6 +373,19 @@ def _item_probs(
     out = sums / counts.clamp_min(1)
     out[counts.squeeze(1) == 0, background] = 1.0
     return out
+
+
+def _item_classes(p: Predictions | None, num_items: int, background: int | None) -> Tensor:
+    """``[B]`` each item's dominant foreground class: the argmax of its units' summed
+    foreground probabilities (sigmoid or softmax), ``-1`` for an item without units."""
+    if p is None:
+        raise ValueError("item classes need predictions; none were gathered")
+    fg = foreground(p.probs_UCK.mean(-1).detach().float().cpu(), background)
+    owner = p.owner_U.cpu()
+    mass = torch.zeros(num_items, fg.shape[1]).index_add_(0, owner, fg)
+    classes = mass.argmax(1)
+    classes[torch.bincount(owner, minlength=num_items) == 0] = -1
+    return classes
 
 
 def _class_quality(adapter: Adapter, strategy: QueryStrategy) -> Tensor:

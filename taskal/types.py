@@ -351,6 +351,9 @@ class PoolOutputs:
         embeddings_ND: pooled embeddings ``[N, D]``.
         labeled_embeddings_LD: embeddings ``[L, D]`` of the already-labeled items.
         loss_pred_N: predicted loss per candidate ``[N]`` (LLAL).
+        classes_N: each candidate's dominant predicted foreground class ``[N]`` (long; the
+            class with the most probability mass over its units, ``-1`` for an item with
+            no unit, such as an image without detections).
     """
 
     ids: list[ItemId]
@@ -359,6 +362,7 @@ class PoolOutputs:
     embeddings_ND: Tensor | None = None
     labeled_embeddings_LD: Tensor | None = None
     loss_pred_N: Tensor | None = None
+    classes_N: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -377,6 +381,7 @@ class PoolOutputs:
             take(self.embeddings_ND),
             self.labeled_embeddings_LD,
             take(self.loss_pred_N),
+            take(self.classes_N),
         )
 
 

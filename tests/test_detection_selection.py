@@ -106,3 +106,28 @@ def test_difficulty_calibrated_needs_class_quality(pool) -> None:  # type: ignor
     assert ((adapter.class_quality >= 0) & (adapter.class_quality <= 1)).all()
     picks = selector.select(adapter, pool, pool.ids[:2], 2)
     assert len({q.item for q in picks}) == 2
+
+
+def test_item_classes_of_box_units() -> None:
+    """An image's class is the foreground class with the most mass over its boxes; the
+    background column never wins; an image without boxes is -1."""
+    from taskal.selector import _item_classes
+    from taskal.types import Predictions
+
+    probs = torch.tensor(
+        [[0.7, 0.2, 0.1], [0.6, 0.1, 0.3], [0.5, 0.1, 0.4], [0.9, 0.05, 0.05]]
+    ).unsqueeze(-1)  # background first, as torchvision's Faster R-CNN
+    p = Predictions(probs, torch.tensor([0, 0, 0, 2]))
+    assert _item_classes(p, 3, background=0).tolist() == [1, -1, 0]
+    sig = Predictions(
+        torch.tensor([[0.2, 0.9], [0.3, 0.1]]).unsqueeze(-1), torch.tensor([1, 1]), "sigmoid"
+    )
+    assert _item_classes(sig, 2, background=None).tolist() == [-1, 1]
+
+
+def test_class_balanced_runs_on_detections(pool) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    adapter = TorchvisionDetectionAdapter(retinanet(num_classes=len(pool.classes)))
+    selector = Selector({"type": "class_balanced", "max_share": 0.5}, batch_size=3, progress=False)
+    picks = selector.select(adapter, pool, pool.ids[:2], 4)
+    assert len({q.item for q in picks}) == 4 and not {q.item for q in picks} & set(pool.ids[:2])

@@ -74,6 +74,11 @@ def load_config(args: argparse.Namespace) -> Any:
     if args.num_seeds is not None:
         al["seeds"] = list(range(args.num_seeds))
     if args.task is not None:
+        if cfg.get("task", args.task) != args.task:
+            raise SystemExit(
+                f"--task {args.task} contradicts {args.config}, a {cfg.task} config; drop "
+                f"--task or pass a {args.task} config"
+            )
         cfg.task = args.task
     if args.dataset is not None:
         if args.dataset == "digits":
@@ -135,6 +140,24 @@ def build_detection_split(cfg: Any) -> tuple[Any, Any]:
     return data.subset(pool_ids), data.subset(test_ids)
 
 
+def detector_fields(cfg: Any) -> dict[str, Any]:
+    """A det config's detector: a torchvision ``model``, or an ``mmdet_config`` file with its
+    ``mmdet_cfg_options``, ``mmdet_train`` and ``work_dir`` (the paths relative to the
+    repository, as ``dataset.root``). :class:`DetSimulationConfig` checks that exactly one
+    detector is given."""
+    fields: dict[str, Any] = {}
+    if cfg.get("model") is not None:
+        fields["model"] = dict(cfg.model)
+    for key in ("mmdet_config", "work_dir"):
+        if cfg.get(key) is not None:
+            path = Path(cfg[key])
+            fields[key] = str(path if path.is_absolute() else ROOT / path)
+    for key in ("mmdet_cfg_options", "mmdet_train"):
+        if cfg.get(key) is not None:
+            fields[key] = cfg[key].to_dict() if hasattr(cfg[key], "to_dict") else dict(cfg[key])
+    return fields
+
+
 def build_simulation(cfg: Any, progress: bool) -> tuple[Any, Any, Any, str]:
     """The task's simulation, its pool and test split, and its metric's name."""
     from taskal.data import split_pool
@@ -149,7 +172,7 @@ def build_simulation(cfg: Any, progress: bool) -> tuple[Any, Any, Any, str]:
     task = cfg.get("task", "cls")
     if task == "det":
         det_cfg = DetSimulationConfig(
-            model=dict(cfg.model),
+            **detector_fields(cfg),
             train=dict(cfg.get("train", {})),
             llal=dict(cfg.get("llal", {})),
             batch_size=cfg.get("batch_size", 8),

@@ -6,28 +6,45 @@ always runs, and the curve records the metric (COCO box mAP on a held-out split,
 pycocotools) against the number of labeled images. Queries are whole images; box queries
 need training on partially annotated images, which is not built yet.
 
-Per strategy, the round's detector gets what the strategy reads: a jointly trained
-loss-prediction module for ``llal`` (on the FPN levels), and the per-class quality on the
-labeled images (:func:`~taskal.evaluation.class_quality`) for difficulty-calibrated scores.
+The detector is either a torchvision one (``model``, trained by
+:func:`~taskal.training_det.train_detector`) or an mmdet 3.x config file (``mmdet_config``,
+trained through mmengine's ``Runner`` by :func:`~taskal.training_mmdet.train_mmdet` and
+scored by :class:`~taskal.adapters.MMDetAdapter`). Per strategy, the round's detector gets
+what the strategy reads: a jointly trained loss-prediction module for ``llal`` (on the FPN
+levels; :class:`~taskal.llal.mmdet.LLALDetector` for mmdet), and the per-class quality on
+the labeled images (:func:`~taskal.evaluation.class_quality`) for difficulty-calibrated
+scores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import re
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from mmengine.config import Config
+from mmengine.hooks import Hook
+from torch import nn
 
+from taskal.adapters.mmdet_detection import MMDetAdapter
 from taskal.adapters.torchvision_detection import TorchvisionDetectionAdapter
 from taskal.data.coco import CocoDetectionPool
 from taskal.evaluation import class_quality, coco_map
+from taskal.llal.mmdet import LLALDetector, LLALStopGradHook
 from taskal.llal.module import LossPredictionModule
 from taskal.simulation.loop import _dataclass_from, resolve_strategies
 from taskal.simulation.rounds import RoundLoop, mix_seed
 from taskal.strategies.base import QueryStrategy
 from taskal.training import LLALConfig
 from taskal.training_det import DetTrainConfig, train_detector
+from taskal.training_mmdet import MMDetTrainConfig, train_mmdet
 from taskal.types import Adapter, ItemId
 
 
@@ -45,7 +62,23 @@ class DetSimulationConfig:
         model: a :data:`~taskal.registry.MODELS` config of a torchvision detector, e.g.
             ``dict(type="torchvision_detection", name="retinanet_resnet50_fpn")``;
             ``num_classes`` is filled from the data (plus one for Faster R-CNN's background).
-        train: :class:`~taskal.training_det.DetTrainConfig` fields.
+            Give either ``model`` or ``mmdet_config``.
+        mmdet_config: path of an mmdet 3.x config file (e.g.
+            ``configs/det/retinanet_r18_synthetic.py``), trained each round by
+            :func:`~taskal.training_mmdet.train_mmdet` with the config's own schedule. Its
+            ``bbox_head.num_classes`` (``roi_head.bbox_head.num_classes`` for two-stage
+            detectors) must be the pool's number of classes. For ``llal`` the detector trains
+            inside :class:`~taskal.llal.mmdet.LLALDetector` with its loss predictor.
+        mmdet_cfg_options: entries merged into the mmdet config after loading it (as
+            ``--cfg-options``: nested dicts or dotted keys), e.g. a warm-up as short as the
+            simulation's rounds, ``dict(param_scheduler=[...])``.
+        mmdet_train: :class:`~taskal.training_mmdet.MMDetTrainConfig` fields but
+            ``work_dir`` (``max_epochs``, ``batch_size``, ``lr``, ``min_epoch_items``, ...).
+        work_dir: where the Runner's runs go with ``mmdet_config``, one subfolder
+            ``<strategy>_seed<s>_round<r>`` per training (the labeled COCO json, the
+            resolved config and mmengine's logs); ``None``: a temporary folder per training,
+            removed once the model is trained.
+        train: :class:`~taskal.training_det.DetTrainConfig` fields (``model`` only).
         llal: :class:`~taskal.training.LLALConfig` fields for ``llal`` strategies.
         batch_size: images per forward while scoring and evaluating.
         device: where models run.
@@ -58,6 +91,10 @@ class DetSimulationConfig:
     rounds: int = 4
     seeds: list[int] = field(default_factory=lambda: [0])
     model: dict[str, Any] = field(default_factory=dict)
+    mmdet_config: str | None = None
+    mmdet_cfg_options: dict[str, Any] = field(default_factory=dict)
+    mmdet_train: dict[str, Any] = field(default_factory=dict)
+    work_dir: str | None = None
     train: dict[str, Any] = field(default_factory=dict)
     llal: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 8
@@ -73,13 +110,21 @@ class DetSimulationConfig:
             raise ValueError(f"rounds must be a non-negative integer, got {self.rounds!r}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
-        if "type" not in self.model:
-            raise ValueError(
-                "model must be a MODELS config of a torchvision detector, e.g. "
-                "dict(type='torchvision_detection', name='retinanet_resnet50_fpn')"
-            )
+        self._check_detector()
         self.train_cfg = _dataclass_from(DetTrainConfig, self.train, "train")
         self.llal_cfg = _dataclass_from(LLALConfig, self.llal, "al.llal")
+        self.mmdet_cfg: Config | None = None
+        self.mmdet_train_cfg: MMDetTrainConfig | None = None
+        if self.mmdet_config is not None:
+            self.mmdet_cfg = _load_mmdet_config(self.mmdet_config, self.mmdet_cfg_options)
+            if "work_dir" in self.mmdet_train:
+                raise ValueError(
+                    "mmdet_train does not take work_dir: set work_dir beside it (each "
+                    "training runs in its own subfolder of it)"
+                )
+            # work_dir is set per training (DetectionSimulation._run_dir)
+            train = {"work_dir": ".", **self.mmdet_train}
+            self.mmdet_train_cfg = _dataclass_from(MMDetTrainConfig, train, "mmdet_train")
         for label, strategy in resolve_strategies(self.strategies):
             if strategy.sampling == "ensemble":
                 raise ValueError(
@@ -87,6 +132,35 @@ class DetSimulationConfig:
                     "simulation does not train yet; use uncertainty, MC-dropout, LLAL, "
                     "core-set, BADGE, two-stage, difficulty-calibrated or random strategies"
                 )
+
+    def _check_detector(self) -> None:
+        """Exactly one detector: a torchvision ``model`` or an ``mmdet_config`` file."""
+        given = [name for name in ("model", "mmdet_config") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one detector, model (a MODELS config of a torchvision "
+                "detector, e.g. dict(type='torchvision_detection', "
+                "name='retinanet_resnet50_fpn')) or mmdet_config (an mmdet config file, e.g. "
+                f"'configs/det/retinanet_r18_synthetic.py'); got {given or 'neither'}"
+            )
+        if self.model and "type" not in self.model:
+            raise ValueError(
+                "model must be a MODELS config of a torchvision detector, e.g. "
+                f"dict(type='torchvision_detection', name='retinanet_resnet50_fpn'), got "
+                f"{self.model!r}"
+            )
+        mmdet_only = ("mmdet_cfg_options", "mmdet_train", "work_dir")
+        if self.model and (extra := [k for k in mmdet_only if getattr(self, k)]):
+            raise ValueError(
+                f"{extra} apply to an mmdet_config only; the torchvision model is trained "
+                "with train"
+            )
+        if self.mmdet_config is not None and self.train:
+            raise ValueError(
+                "train configures the torchvision model's training; an mmdet_config trains "
+                "with its own schedule, changed by mmdet_train (max_epochs, batch_size, lr, "
+                f"min_epoch_items, ...), got train={self.train!r}"
+            )
 
 
 class DetectionSimulation(RoundLoop):
@@ -101,23 +175,37 @@ class DetectionSimulation(RoundLoop):
         self.pool = pool
         self.test = test
         self.check_pool_size()
+        if cfg.mmdet_cfg is not None:
+            _check_mmdet_classes(cfg.mmdet_cfg, list(pool.classes), str(cfg.mmdet_config))
         self.strategies = resolve_strategies(cfg.strategies)
         self.select_batch_size = cfg.batch_size
 
     def annotation_cost(self, labeled: list[ItemId]) -> float:
         """Boxes drawn to label ``labeled`` whole (their ground-truth annotations)."""
-        return float(sum(len(self.pool.coco.getAnnIds(imgIds=[i])) for i in labeled))
+        return float(sum(len(self.pool.target(i)["labels"]) for i in labeled))
 
     def evaluate(self, adapter: Adapter) -> float:
         """COCO box mAP (pycocotools) on the test split."""
         return coco_map(adapter, self.test, batch_size=self.cfg.batch_size)["mAP"]
 
-    def train(
-        self, strategy: QueryStrategy, labeled: list[ItemId], seed: int, r: int
-    ) -> TorchvisionDetectionAdapter:
+    def train(self, strategy: QueryStrategy, labeled: list[ItemId], seed: int, r: int) -> Adapter:
         """A fresh detector trained on ``labeled`` for round ``r`` (the same initialisation
         for every strategy), with a loss predictor or class quality where the strategy
         reads one."""
+        adapter = (
+            self._train_torchvision(strategy, labeled, seed, r)
+            if self.cfg.mmdet_cfg is None
+            else self._train_mmdet(strategy, labeled, seed, r)
+        )
+        if "class_quality" in strategy.needs:
+            adapter.class_quality = class_quality(
+                adapter, self.pool, labeled, batch_size=self.cfg.batch_size
+            )
+        return adapter
+
+    def _train_torchvision(
+        self, strategy: QueryStrategy, labeled: list[ItemId], seed: int, r: int
+    ) -> TorchvisionDetectionAdapter:
         torch.manual_seed(mix_seed(seed, r, 0))
         model_cfg = copy.deepcopy(self.cfg.model)
         adapter = TorchvisionDetectionAdapter(self._num_classes(model_cfg), device=self.cfg.device)
@@ -128,14 +216,81 @@ class DetectionSimulation(RoundLoop):
         g = torch.Generator().manual_seed(mix_seed(seed, r, 2))
         cfg = self.cfg
         train_detector(adapter, self.pool, labeled, cfg.train_cfg, g, False, llal, cfg.llal_cfg)
-        if "class_quality" in strategy.needs:
-            adapter.class_quality = class_quality(
-                adapter, self.pool, labeled, batch_size=self.cfg.batch_size
-            )
         return adapter
+
+    def _train_mmdet(
+        self, strategy: QueryStrategy, labeled: list[ItemId], seed: int, r: int
+    ) -> MMDetAdapter:
+        """The mmdet config's detector, wrapped before training so that the dropout the
+        adapter adds for MC sampling is trained in, then trained by ``train_mmdet``: the
+        same seed (initialisation, data order, augmentation) for every strategy."""
+        cfg = self.cfg
+        assert cfg.mmdet_cfg is not None and cfg.mmdet_train_cfg is not None
+        init_seed = mix_seed(seed, r, 0) % 2**31  # the Runner seeds numpy: 32 bits at most
+        torch.manual_seed(init_seed)
+        adapter = MMDetAdapter(copy.deepcopy(dict(cfg.mmdet_cfg.model)), device=cfg.device)
+        model: nn.Module = adapter.model
+        hooks: list[Hook] = []
+        if "loss_pred" in strategy.needs:  # the detector and its loss predictor, jointly
+            model = LLALDetector(adapter.model, hidden=cfg.llal_cfg.hidden)
+            model.weight, model.margin = cfg.llal_cfg.weight, cfg.llal_cfg.margin
+            hooks.append(LLALStopGradHook(cfg.llal_cfg.stop_grad_fraction))
+        with self._run_dir(strategy, seed, r) as work_dir:
+            train_cfg = dataclasses.replace(cfg.mmdet_train_cfg, work_dir=work_dir)
+            train_mmdet(cfg.mmdet_cfg, self.pool, labeled, train_cfg, init_seed, model, hooks)
+        model.to(torch.device(cfg.device))  # the Runner trains on the GPU when there is one
+        if isinstance(model, LLALDetector):
+            adapter.attach_loss_predictor(model.loss_predictor)
+        return adapter
+
+    @contextlib.contextmanager
+    def _run_dir(self, strategy: QueryStrategy, seed: int, r: int) -> Iterator[Path]:
+        """``<work_dir>/<strategy>_seed<seed>_round<r>``, or a temporary folder removed on exit."""
+        label = next((name for name, s in self.strategies if s is strategy), "train")
+        name = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}_seed{seed}_round{r}"
+        if self.cfg.work_dir is not None:
+            yield Path(self.cfg.work_dir) / name
+            return
+        with tempfile.TemporaryDirectory(prefix="taskal_mmdet_") as tmp:
+            yield Path(tmp) / name
 
     def _num_classes(self, model_cfg: dict[str, Any]) -> dict[str, Any]:
         name = str(model_cfg.get("name", model_cfg.get("arch", "")))
         background = 1 if name.startswith(("fasterrcnn", "faster_rcnn")) else 0
         model_cfg.setdefault("num_classes", len(self.pool.classes) + background)
         return model_cfg
+
+
+def _load_mmdet_config(path: str, options: Mapping[str, Any]) -> Config:
+    """``Config.fromfile(path)`` with ``options`` merged in; a clear error for a missing file."""
+    if not Path(path).is_file():
+        raise ValueError(
+            f"mmdet_config {path!r} is not a file; give the path of an mmdet config, e.g. "
+            "'configs/det/retinanet_r18_synthetic.py' (relative paths are read from the "
+            "working directory)"
+        )
+    cfg = Config.fromfile(path)
+    if options:
+        cfg.merge_from_dict(dict(options))
+    if not isinstance(cfg.get("model"), Mapping):
+        raise ValueError(f"mmdet_config {path!r} defines no model dict")
+    return cfg
+
+
+def _check_mmdet_classes(cfg: Config, classes: Sequence[str], path: str) -> None:
+    """Every box head's ``num_classes`` in the config must be the pool's number of classes."""
+    model = cfg.model
+    heads: list[tuple[str, Any]] = [("model.bbox_head", model.get("bbox_head"))]
+    roi = (model.get("roi_head") or {}).get("bbox_head")
+    if isinstance(roi, Sequence):  # a cascade: one box head per stage
+        heads += [(f"model.roi_head.bbox_head[{i}]", h) for i, h in enumerate(roi)]
+    else:
+        heads.append(("model.roi_head.bbox_head", roi))
+    for where, head in heads:
+        n = head.get("num_classes") if isinstance(head, Mapping) else None
+        if n is not None and n != len(classes):
+            raise ValueError(
+                f"mmdet_config {path!r} sets {where}.num_classes={n}, but the pool has "
+                f"{len(classes)} classes {list(classes)}; set {where}.num_classes="
+                f"{len(classes)} (in the config or through mmdet_cfg_options)"
+            )

@@ -21,9 +21,11 @@ class ClassBalanced(QueryStrategy):
 
     Top-k uncertainty tends to pick one confusing class over and over (on the digits, 8 of
     20 entropy picks fall in one class). This walks the score ranking and skips an item
-    once its predicted class (the argmax of its mean class probabilities) holds
-    ``ceil(max_share * budget)`` picks; if the caps leave the budget unfilled, the best
-    skipped items fill it. Needs image-level softmax units (classification).
+    once its predicted class holds ``ceil(max_share * budget)`` picks; if the caps leave
+    the budget unfilled, the best skipped items fill it. An item's class is the foreground
+    class with the most probability mass over its units: the argmax for an image-level
+    prediction, the class that dominates an image's detected boxes (softmax or sigmoid
+    heads, background column excluded); images without boxes form a group of their own.
 
     Args:
         base: a :class:`ScoreStrategy` name or config (default entropy); its ``n_samples``
@@ -50,7 +52,7 @@ class ClassBalanced(QueryStrategy):
 
     @property
     def needs(self) -> frozenset[str]:
-        return self.base.needs | {"item_probs"}
+        return self.base.needs | {"item_class"}
 
     def score_batch(self, outputs: BatchOutputs) -> Tensor | None:
         return self.base.score_batch(outputs)
@@ -58,10 +60,10 @@ class ClassBalanced(QueryStrategy):
     def select(
         self, outputs: PoolOutputs, budget: int, generator: torch.Generator | None = None
     ) -> Tensor:
-        if outputs.scores_N is None or outputs.probs_NC is None:
-            raise ValueError("class_balanced needs item scores and item probabilities")
+        if outputs.scores_N is None or outputs.classes_N is None:
+            raise ValueError("class_balanced needs item scores and item classes")
         ranking = top_k(outputs.scores_N.cpu(), len(outputs), generator)
-        classes = outputs.probs_NC.cpu().argmax(1)[ranking].tolist()
+        classes = outputs.classes_N.cpu()[ranking].tolist()
         cap = max(1, math.ceil(self.max_share * budget))
         counts: dict[int, int] = {}
         picks: list[int] = []

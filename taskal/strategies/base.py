@@ -33,7 +33,15 @@ from taskal.types import BatchOutputs, PoolOutputs, Predictions
 
 #: what a strategy can ask the selector to gather.
 REQUIREMENTS = frozenset(
-    {"probs", "item_probs", "embeddings", "labeled_embeddings", "loss_pred", "class_quality"}
+    {
+        "probs",
+        "item_probs",
+        "item_class",
+        "embeddings",
+        "labeled_embeddings",
+        "loss_pred",
+        "class_quality",
+    }
 )
 #: how predictions are sampled: one eval pass, MC dropout, or an ensemble's members.
 SAMPLINGS = ("deterministic", "mc_dropout", "ensemble")

@@ -47,6 +47,7 @@ def pool_of(strategy: QueryStrategy, batch: BatchOutputs) -> PoolOutputs:
         embeddings_ND=batch.embeddings_BD,
         labeled_embeddings_LD=labeled_embeddings(batch.embeddings_BD.shape[1]),
         loss_pred_N=batch.loss_pred_B,
+        classes_N=p.probs_UCK.mean(-1).argmax(1),
     )
 
 

@@ -145,8 +145,18 @@ def test_detection_task_writes_map_and_box_costs(tmp_path: Path) -> None:
     assert [r["strategy"] for r in results["runs"]] == ["random", "entropy"]
     for run in results["runs"]:
         assert [p["labeled"] for p in run["curve"]] == [2, 4]
-        assert all(p["cost"] >= 0 and 0.0 <= p["metric"] <= 1.0 for p in run["curve"])
+        assert all(0.0 <= p["metric"] <= 1.0 for p in run["curve"])
+    # both runs of seed 0 start from the same 2 random images: same boxes drawn, and the
+    # shapes set puts at least one box in every image
+    first = [run["curve"][0]["cost"] for run in results["runs"]]
+    assert first[0] == first[1] >= 2
+    assert all(run["curve"][1]["cost"] >= run["curve"][0]["cost"] + 2 for run in results["runs"])
     summary = (out / "summary.md").read_text()
     assert "9 pool / 3 test" in summary and "boxes to reach random's final" in summary
     assert (out / "learning_curve.png").stat().st_size > 0
     assert Config.fromfile(str(out / "config.py")).task == "det"
+
+
+def test_task_must_match_the_config(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"--task det contradicts .* a cls config"):
+        _run(["--task", "det", "--config", str(ROOT / "configs/cls/digits_smallcnn.py")])
