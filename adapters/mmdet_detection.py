@@ -49,6 +49,7 @@ from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
 from taskal.adapters import _mmdet_dense, _mmdet_two_stage
+from taskal.adapters._detection import check_box_units
 from taskal.adapters._hooks import (
     CapturedFeatures,
     capture_outputs,
@@ -167,7 +168,7 @@ class MMDetAdapter(Adapter):
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         if units is not None:
-            units = _check_units(units, batch.image_sizes(), self._device)
+            units = check_box_units(units, batch.image_sizes(), self._device)
         cached: Tensor | list[Tensor]
         with torch.no_grad():
             with eval_mode(self._model):
@@ -212,12 +213,15 @@ class MMDetAdapter(Adapter):
         return capture_outputs(self._model, {n: modules[n] for n in names})
 
     def embed(self, batch: Batch) -> Tensor:
-        """Mean over the neck's levels (the backbone's without a neck) of their global
-        average pools, ``[B, D]``."""
+        """Mean over the neck's levels of their global average pools, ``[B, D]``; without a
+        neck (levels of different widths) the deepest backbone level's pool."""
         with torch.no_grad(), eval_mode(self._model):
             inputs, _ = self._preprocess(batch)
-            feats = self._det.extract_feat(inputs)
-        return torch.stack([x.mean((2, 3)) for x in feats]).mean(0).detach()
+            feats = as_levels(self._det.extract_feat(inputs))
+        pooled = [x.mean((2, 3)) for x in feats]
+        if len({p.shape[1] for p in pooled}) > 1:
+            return pooled[-1].detach()
+        return torch.stack(pooled).mean(0).detach()
 
     def per_sample_loss(self, batch: Batch) -> Tensor:
         """The sum of the model's training losses (``model.loss`` through
@@ -350,22 +354,6 @@ def _build_detector(cfg: Mapping[str, Any]) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model config {cfg!r} built a {type(model).__name__}, not an nn.Module")
     return model
-
-
-def _check_units(units: Units, sizes: list[tuple[int, int]], device: torch.device) -> Units:
-    """``units`` on the device, after checking that they can belong to a batch of ``sizes``."""
-    if units.boxes_U4 is None:
-        raise ValueError("detection units need boxes_U4; pass Predictions.units()")
-    owner, boxes = units.owner_U.to(device), units.boxes_U4.to(device)
-    if len(units) and (int(owner.min()) < 0 or int(owner.max()) >= len(sizes)):
-        raise ValueError(
-            f"units belong to items outside this batch of {len(sizes)}; pass the units of a "
-            "prediction on this batch"
-        )
-    limits = torch.tensor(sizes, device=device)[owner].flip(1).repeat(1, 2)
-    if bool((boxes < -1e-3).any() or (boxes > limits + 1e-3).any()):
-        raise ValueError("unit boxes lie outside their images: are they from this batch?")
-    return Units(owner, units.unit_U.to(device), boxes)
 
 
 __all__ = ["MMDetAdapter"]

@@ -40,6 +40,7 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms, remove_small_boxes
 
+from taskal.adapters._detection import check_box_units
 from taskal.adapters._hooks import (
     CapturedFeatures,
     capture_outputs,
@@ -183,7 +184,7 @@ class TorchvisionDetectionAdapter(Adapter):
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         images, original = self._images(batch)
         if units is not None:
-            units = self._check_units(units, original)
+            units = check_box_units(units, original, self._device)
         cached: Tensor | list[Tensor]
         with torch.no_grad():
             with eval_mode(self._model):
@@ -453,27 +454,6 @@ class TorchvisionDetectionAdapter(Adapter):
         resized = torch.tensor(image_list.image_sizes, dtype=torch.float32, device=self._device)
         ratio = (orig / resized[owner]).flip(1).repeat(1, 2)  # (w, h, w, h)
         return _clip(boxes * ratio, orig)
-
-    def _check_units(self, units: Units, original: list[tuple[int, int]]) -> Units:
-        """``units`` on the device, after checking that they can belong to this batch."""
-        if units.boxes_U4 is None:
-            raise ValueError("detection units need boxes_U4; pass Predictions.units()")
-        units = Units(
-            units.owner_U.to(self._device),
-            units.unit_U.to(self._device),
-            units.boxes_U4.to(self._device),
-        )
-        assert units.boxes_U4 is not None
-        owner = units.owner_U
-        if len(units) and (int(owner.min()) < 0 or int(owner.max()) >= len(original)):
-            raise ValueError(
-                f"units belong to items outside this batch of {len(original)}; pass the units "
-                "of a prediction on this batch"
-            )
-        limits = torch.tensor(original, device=self._device)[units.owner_U].flip(1).repeat(1, 2)
-        if bool((units.boxes_U4 < -1e-3).any() or (units.boxes_U4 > limits + 1e-3).any()):
-            raise ValueError("unit boxes lie outside their images: are they from this batch?")
-        return units
 
     def _images(self, batch: Batch) -> tuple[list[Tensor], list[tuple[int, int]]]:
         images = [x.to(self._device) for x in batch.inputs]
