@@ -196,6 +196,12 @@ def build_simulation(cfg: Any, progress: bool) -> tuple[Any, Any, Any, str]:
     return Simulation(sim_cfg, pool, test), pool, test, "accuracy"
 
 
+def _shown(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (summaries stay portable)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     from taskal.registry import import_custom_modules
     from taskal.simulation import format_table, plot_curves, summarize
@@ -222,7 +228,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     plot_curves(results, out / "learning_curve.png")
     elapsed = time.perf_counter() - started
     (out / "summary.md").write_text(
-        f"# Simulation summary\n\nconfig: `{args.config}`; {len(pool.ids)} pool / "
+        f"# Simulation summary\n\nconfig: `{_shown(args.config)}`; {len(pool.ids)} pool / "
         f"{len(test.ids)} test items; {elapsed:.0f} s in all.\n\n{table}"
     )
     print(table)
