@@ -13,8 +13,9 @@
 # (3 rounds) takes about 19 minutes, and --num-seeds 3 about an hour.
 # At this budget RetinaNet from scratch stays weak (random's mAP 0.005 on 40 images, 0.010
 # on 160, measured): raise mmdet_train.max_epochs for curves that separate more clearly.
-# No llal (an mmdet detector has no jointly trained loss predictor yet) and no badge
-# (RetinaNet's classifier is sigmoid, BADGE's gradient embedding needs a softmax).
+# llal trains the detector inside taskal.llal.mmdet.LLALDetector (one more training per
+# round's cost); no badge (RetinaNet's classifier is sigmoid, BADGE's gradient embedding
+# needs a softmax).
 task = "det"
 dataset = dict(
     type="synthetic_detection",
@@ -49,6 +50,7 @@ al = dict(
     strategies=[
         dict(type="entropy", reduction="sum"),
         dict(type="bald", n_samples=20, reduction="sum"),
+        "llal",
         "coreset",
         dict(
             type="two_stage",
