@@ -179,6 +179,31 @@ class DetectionSimulation(RoundLoop):
             _check_mmdet_classes(cfg.mmdet_cfg, list(pool.classes), str(cfg.mmdet_config))
         self.strategies = resolve_strategies(cfg.strategies)
         self.select_batch_size = cfg.batch_size
+        self._check_softmax_strategies()
+
+    def _check_softmax_strategies(self) -> None:
+        """BADGE reads an image-level softmax: refuse it for a sigmoid head before training."""
+        badge = [n for n, s in self.strategies if "item_probs" in s.needs]
+        if not badge:
+            return
+        if self.cfg.mmdet_cfg is not None:
+            head = self.cfg.mmdet_cfg.model.get("roi_head", {}).get("bbox_head")
+            head = head or self.cfg.mmdet_cfg.model.get("bbox_head", {})
+            loss_cls = head.get("loss_cls", {}) if isinstance(head, Mapping) else {}
+            sigmoid = bool(loss_cls.get("use_sigmoid", False)) and "roi_head" not in (
+                self.cfg.mmdet_cfg.model
+            )
+        else:
+            model_cfg = self._num_classes(copy.deepcopy(self.cfg.model))
+            with torch.random.fork_rng():
+                probe = TorchvisionDetectionAdapter(model_cfg, device="cpu")
+            sigmoid = probe.prob_kind == "sigmoid"
+        if sigmoid:
+            raise ValueError(
+                f"strategies {badge} need an image-level softmax, but this detector's head "
+                "scores classes with sigmoids (RetinaNet, FCOS); use a two-stage detector "
+                "(Faster R-CNN) or drop them (coreset is the diversity strategy that works)"
+            )
 
     def annotation_cost(self, labeled: list[ItemId]) -> float:
         """Boxes drawn to label ``labeled`` whole (their ground-truth annotations)."""

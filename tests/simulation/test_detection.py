@@ -86,3 +86,9 @@ def test_pool_too_small(split, tiny_detector: str) -> None:  # type: ignore[no-u
     pool, test = split
     with pytest.raises(ValueError, match="pool holds only 8"):
         DetectionSimulation(_cfg(tiny_detector, rounds=5), pool, test)
+
+
+def test_badge_refused_for_a_sigmoid_detector_before_training(split, tiny_detector: str) -> None:  # type: ignore[no-untyped-def]
+    pool, test = split
+    with pytest.raises(ValueError, match=r"\['badge'\] need an image-level softmax"):
+        DetectionSimulation(_cfg(tiny_detector, strategies=["badge"]), pool, test)

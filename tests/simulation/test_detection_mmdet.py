@@ -222,3 +222,9 @@ def test_simulate_tool_runs_an_mmdet_config(tmp_path: Path, tiny_config: str) ->
     resolved = Config.fromfile(str(out / "config.py"))
     assert resolved.mmdet_config == tiny_config and resolved.mmdet_train.max_epochs == 1
     assert resolved.mmdet_cfg_options.model.bbox_head == dict(feat_channels=32, stacked_convs=2)
+
+
+def test_badge_refused_for_retinanet_before_training(split, tiny_config: str) -> None:  # type: ignore[no-untyped-def]
+    pool, test = split
+    with pytest.raises(ValueError, match=r"\['badge'\] need an image-level softmax"):
+        DetectionSimulation(_cfg(tiny_config, strategies=["badge"]), pool, test)
