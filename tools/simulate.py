@@ -6,7 +6,8 @@
     python tools/simulate.py --config configs/det/synthetic_faster_rcnn.py   # detection, COCO mAP
 
 Writes ``results.json``, ``learning_curve.png``, ``summary.md`` and the resolved
-``config.py`` into the output directory (a new timestamped one by default).
+``config.py`` into the output directory (a new timestamped one by default); detection also
+writes every round's queries as COCO json into ``queries/``.
 """
 
 from __future__ import annotations
@@ -210,6 +211,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     import_custom_modules(cfg)
     sim, pool, test, metric = build_simulation(cfg, progress=not args.no_progress)
     out = prepare_output(args)
+    if metric == "mAP":  # detection: every round's queries as the COCO json annotators get
+        sim.cfg.queries_dir = str(out / "queries")
     print(
         f"[simulate] {len(pool.ids)} pool / {len(test.ids)} test items; strategies: "
         f"{[name for name, _ in sim.strategies]}; seeds {sim.cfg.seeds}; output {out}",

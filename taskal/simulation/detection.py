@@ -37,8 +37,10 @@ from taskal.adapters.mmdet_detection import MMDetAdapter
 from taskal.adapters.torchvision_detection import TorchvisionDetectionAdapter
 from taskal.data.coco import CocoDetectionPool
 from taskal.evaluation import class_quality, coco_map
+from taskal.export import queries_to_coco, write_coco_queries
 from taskal.llal.mmdet import LLALDetector, LLALStopGradHook
 from taskal.llal.module import LossPredictionModule
+from taskal.queries import Query
 from taskal.simulation.loop import _dataclass_from, resolve_strategies
 from taskal.simulation.rounds import RoundLoop, mix_seed
 from taskal.strategies.base import QueryStrategy
@@ -80,6 +82,7 @@ class DetSimulationConfig:
             removed once the model is trained.
         train: :class:`~taskal.training_det.DetTrainConfig` fields (``model`` only).
         llal: :class:`~taskal.training.LLALConfig` fields for ``llal`` strategies.
+        queries_dir: where every round's queries go as COCO json (``None``: nowhere).
         batch_size: images per forward while scoring and evaluating.
         device: where models run.
         progress: show progress bars.
@@ -97,6 +100,7 @@ class DetSimulationConfig:
     work_dir: str | None = None
     train: dict[str, Any] = field(default_factory=dict)
     llal: dict[str, Any] = field(default_factory=dict)
+    queries_dir: str | None = None
     batch_size: int = 8
     device: str = "cpu"
     progress: bool = True
@@ -204,6 +208,15 @@ class DetectionSimulation(RoundLoop):
                 "scores classes with sigmoids (RetinaNet, FCOS); use a two-stage detector "
                 "(Faster R-CNN) or drop them (coreset is the diversity strategy that works)"
             )
+
+    def record_queries(self, label: str, seed: int, r: int, queries: list[Query]) -> None:
+        """With ``cfg.queries_dir``: the round's queries as the COCO json annotators get
+        (:func:`taskal.export.queries_to_coco`), ``<label>_seed<s>_round<r>.json``."""
+        if self.cfg.queries_dir is None:
+            return
+        name = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}_seed{seed}_round{r}.json"
+        coco = queries_to_coco(queries, self.pool, round_index=r)
+        write_coco_queries(Path(self.cfg.queries_dir) / name, coco, overwrite=True)
 
     def annotation_cost(self, labeled: list[ItemId]) -> float:
         """Boxes drawn to label ``labeled`` whole (their ground-truth annotations)."""

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from taskal.queries import Query
 from taskal.selector import Selector
 from taskal.strategies.base import QueryStrategy
 from taskal.types import Adapter, ItemId
@@ -73,7 +74,7 @@ class RoundLoop:
             for seed in self.cfg.seeds:
                 for label, strategy in self.strategies:
                     bar.set_postfix_str(f"{label} seed={seed}")
-                    curve = self.run_one(strategy, seed, bar)
+                    curve = self.run_one(strategy, seed, bar, label)
                     runs.append({"strategy": label, "seed": seed, "curve": curve})
         return runs
 
@@ -82,7 +83,12 @@ class RoundLoop:
         rows = torch.randperm(len(self.pool.ids), generator=g)[: self.cfg.initial]
         return [self.pool.ids[int(r)] for r in rows]
 
-    def run_one(self, strategy: QueryStrategy, seed: int, bar: Any = None) -> list[dict[str, Any]]:
+    def record_queries(self, label: str, seed: int, r: int, queries: list[Query]) -> None:
+        """Called with every round's queries (a task may write them out); does nothing."""
+
+    def run_one(
+        self, strategy: QueryStrategy, seed: int, bar: Any = None, label: str = ""
+    ) -> list[dict[str, Any]]:
         cfg = self.cfg
         labeled = self.initial_labeled(seed)
         selector = Selector(strategy, batch_size=self.select_batch_size, progress=False)
@@ -99,6 +105,7 @@ class RoundLoop:
                 g = torch.Generator().manual_seed(mix_seed(seed, r, 1))
                 queries = selector.select(adapter, self.pool, labeled, cfg.budget, g)
                 select_seconds = time.perf_counter() - t1
+                self.record_queries(label or type(strategy).__name__, seed, r, queries)
                 labeled = labeled + [q.item for q in queries]
             point = {
                 "labeled": n_labeled,

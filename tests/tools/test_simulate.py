@@ -155,6 +155,13 @@ def test_detection_task_writes_map_and_box_costs(tmp_path: Path) -> None:
     assert "9 pool / 3 test" in summary and "boxes to reach random's final" in summary
     assert (out / "learning_curve.png").stat().st_size > 0
     assert Config.fromfile(str(out / "config.py")).task == "det"
+    # each round's queries as COCO json: the 2 picked images, no ground truth copied
+    from pycocotools.coco import COCO
+
+    written = sorted(p.name for p in (out / "queries").iterdir())
+    assert written == ["entropy_seed0_round0.json", "random_seed0_round0.json"]
+    queried = COCO(str(out / "queries" / "entropy_seed0_round0.json"))
+    assert len(queried.getImgIds()) == 2 and not queried.getAnnIds()
 
 
 def test_task_must_match_the_config(tmp_path: Path) -> None:
