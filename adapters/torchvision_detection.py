@@ -14,8 +14,9 @@ Each box is its own region (``region_U`` = its rank in its image) and costs 1.
   before score filtering and top-k, and the head's post-processing is mirrored keeping the
   anchor: ``unit_U = anchor * C + class`` (``anchor`` counts over all levels of the padded
   image). The probabilities are the anchor's sigmoid class vector (FCOS's centerness only
-  ranks boxes, as in torchvision). MC samples re-run the classification head on the cached
-  FPN maps.
+  ranks boxes, as in torchvision). MC samples re-run only ``cls_logits`` (and the dropout
+  before it) on the classification tower's cached outputs; a tower with dropout of its own
+  is re-run whole on the cached FPN maps.
 
 Re-scoring given units (``predict(units=...)``): a dense model takes the anchor from
 ``unit_U`` (members built with the same anchor generator and transform share anchors). A
@@ -155,6 +156,11 @@ class TorchvisionDetectionAdapter(Adapter):
         self._model = model.to(self._device)
         self._det: Any = self._model  # the same detector, for torchvision's untyped attributes
         self._feature_info = self._probe_feature_info()
+        #: the dense classification tower, cached so MC samples re-run only ``cls_logits``
+        #: (None: two-stage, or a tower with dropout of its own, re-run whole).
+        self._tower: str | None = None
+        if not self.two_stage and not has_dropout(det.head.classification_head.conv):
+            self._tower = "head.classification_head.conv"
         if not has_dropout(rerun):
             inject_dropout(sampled, dropout_p)
             where = "box predictor" if self.two_stage else "classification head's cls_logits"
@@ -369,7 +375,11 @@ class TorchvisionDetectionAdapter(Adapter):
     ) -> tuple[Units, list[Tensor], Tensor]:
         """Units, the cached FPN maps and the units' sigmoid class vectors ``[U, C]``."""
         levels = list(feats.values())
-        out = self._det.head(levels)
+        tower = self._tower
+        capture = capture_outputs(self._model, {"tower": tower}) if tower else None
+        with capture if capture is not None else contextlib.nullcontext() as store:
+            out = self._det.head(levels)
+        cached = list(as_levels(store["tower"])) if store is not None else levels
         if units is None:
             anchors = self._det.anchor_generator(image_list, levels)
             units = self._dense_detect(out, anchors, levels, image_list, original)
@@ -379,7 +389,7 @@ class TorchvisionDetectionAdapter(Adapter):
                 f"units name anchors that this batch does not have (it has {n_anchors} per "
                 "image); pass the units of a prediction on this batch"
             )
-        return units, levels, self._dense_probs(out["cls_logits"], units)
+        return units, cached, self._dense_probs(out["cls_logits"], units)
 
     def _dense_detect(
         self,
@@ -444,7 +454,18 @@ class TorchvisionDetectionAdapter(Adapter):
             heads = self._det.roi_heads
             return heads.box_predictor(heads.box_head(cached))[0].softmax(-1)
         assert isinstance(cached, list)
-        return self._dense_probs(self._det.head.classification_head(cached), units)
+        head = self._det.head.classification_head
+        if self._tower is None:
+            return self._dense_probs(head(cached), units)
+        # only cls_logits samples: run it on the cached tower outputs and lay the logits out
+        # as torchvision's classification head does ([N, H * W * A, C] over the levels)
+        per_level = []
+        for t in cached:
+            logits = head.cls_logits(t)
+            n, _, h, w = logits.shape
+            logits = logits.view(n, -1, self._classes, h, w).permute(0, 3, 4, 1, 2)
+            per_level.append(logits.reshape(n, -1, self._classes))
+        return self._dense_probs(torch.cat(per_level, 1), units)
 
     def _to_original(
         self, boxes: Tensor, owner: Tensor, image_list: ImageList, original: list[tuple[int, int]]

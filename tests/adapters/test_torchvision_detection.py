@@ -321,3 +321,27 @@ def test_a_backbone_without_fpn_is_one_layer() -> None:
     assert feats["backbone"].shape == (2, 32, 12, 12)
     pred = adapter.predict(batch, n_samples=2)
     assert pred.num_units > 0 and pred.probs_UCK.shape[1:] == (3, 2)
+
+
+@pytest.mark.parametrize("family", ["retinanet", "fcos"])
+def test_dense_mc_reruns_only_cls_logits(family: str) -> None:
+    """MC samples of a dense head run cls_logits on the cached tower, never the tower, and
+    equal (same seed) the samples of the whole classification head on the FPN maps."""
+    torch.manual_seed(0)
+    adapter = TorchvisionDetectionAdapter(BUILDERS[family]())
+    batch = _batch()
+    units = adapter.predict(batch).units()
+    calls = []
+    tower = adapter.model.head.classification_head.conv  # type: ignore[union-attr]
+    hook = tower.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        torch.manual_seed(5)
+        cached = adapter.predict(batch, n_samples=4, units=units)
+    finally:
+        hook.remove()
+    assert len(calls) == 3  # the deterministic pass, once per FPN level; no sample re-ran it
+    assert not torch.allclose(cached.probs_UCK[..., 0], cached.probs_UCK[..., 1])
+    adapter._tower = None  # the fallback: the whole head re-run on the cached FPN maps
+    torch.manual_seed(5)
+    whole = adapter.predict(batch, n_samples=4, units=units)
+    assert torch.allclose(cached.probs_UCK, whole.probs_UCK, atol=1e-6)
