@@ -362,6 +362,7 @@ def _item_probs(
     owner = p.owner_U.cpu()
     if p.num_units == num_items and torch.equal(owner, torch.arange(num_items)):
         return probs_UC
+    probs_UC = probs_UC.float()
     if background is None:
         raise ValueError(
             f"{name} needs one prediction per item (image-level units) or a background "
