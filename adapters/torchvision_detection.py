@@ -32,6 +32,7 @@ import contextlib
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import batched_nms, remove_small_boxes
+from torchvision.ops import batched_nms, box_iou, remove_small_boxes
 
 from taskal.adapters._detection import check_box_units
 from taskal.adapters._hooks import (
@@ -126,6 +127,7 @@ class TorchvisionDetectionAdapter(Adapter):
         model: nn.Module | dict[str, Any],
         dropout_p: float = 0.5,
         device: str | torch.device = "cpu",
+        match_iou: float = 0.5,
     ) -> None:
         if isinstance(model, dict):
             from taskal.models import build_model
@@ -152,6 +154,9 @@ class TorchvisionDetectionAdapter(Adapter):
             )
         if not 0.0 < dropout_p < 1.0:
             raise ValueError(f"dropout_p must lie in (0, 1), got {dropout_p}")
+        if not 0.0 < match_iou <= 1.0:
+            raise ValueError(f"match_iou must lie in (0, 1], got {match_iou}")
+        self.match_iou = float(match_iou)
         self._device = torch.device(device)
         self._model = model.to(self._device)
         self._det: Any = self._model  # the same detector, for torchvision's untyped attributes
@@ -191,7 +196,7 @@ class TorchvisionDetectionAdapter(Adapter):
         images, original = self._images(batch)
         if units is not None:
             units = check_box_units(units, original, self._device)
-        cached: Tensor | list[Tensor]
+        cached: Tensor | _DenseCache
         with torch.no_grad():
             with eval_mode(self._model):
                 image_list, feats = self._forward_backbone(images)
@@ -372,24 +377,94 @@ class TorchvisionDetectionAdapter(Adapter):
         feats: OrderedDict[str, Tensor],
         original: list[tuple[int, int]],
         units: Units | None,
-    ) -> tuple[Units, list[Tensor], Tensor]:
-        """Units, the cached FPN maps and the units' sigmoid class vectors ``[U, C]``."""
+    ) -> tuple[Units, _DenseCache, Tensor]:
+        """Units, what MC samples re-run on, and the units' sigmoid class vectors ``[U, C]``."""
         levels = list(feats.values())
         tower = self._tower
         capture = capture_outputs(self._model, {"tower": tower}) if tower else None
         with capture if capture is not None else contextlib.nullcontext() as store:
             out = self._det.head(levels)
         cached = list(as_levels(store["tower"])) if store is not None else levels
+        anchors = self._det.anchor_generator(image_list, levels)
         if units is None:
-            anchors = self._det.anchor_generator(image_list, levels)
             units = self._dense_detect(out, anchors, levels, image_list, original)
-        n_anchors = out["cls_logits"].shape[1]
-        if bool((torch.div(units.unit_U, self._classes, rounding_mode="floor") >= n_anchors).any()):
-            raise ValueError(
-                f"units name anchors that this batch does not have (it has {n_anchors} per "
-                "image); pass the units of a prediction on this batch"
+            lookup, found = units, None
+        else:
+            lookup, found = self._match_anchors(units, out, anchors, image_list, original)
+        cache = _DenseCache(cached, lookup, found)
+        return units, cache, self._dense_probs(out["cls_logits"], cache)
+
+    def _decode(
+        self,
+        reg: Tensor,
+        ref: Tensor,
+        i: int,
+        image_list: ImageList,
+        original: list[tuple[int, int]],
+    ) -> Tensor:
+        """Boxes of anchors ``ref`` with regressions ``reg`` in image ``i``'s original pixels."""
+        model = self._det
+        if isinstance(model, FCOS):
+            decoded = model.box_coder.decode(reg, ref)
+        else:
+            decoded = model.box_coder.decode_single(reg, ref)
+        size = torch.tensor(image_list.image_sizes[i], device=self._device)
+        owner = torch.full((len(ref),), i, device=self._device)
+        return self._to_original(
+            _clip(decoded, size.expand(len(ref), 2)), owner, image_list, original
+        )
+
+    def _match_anchors(
+        self,
+        units: Units,
+        out: dict[str, Tensor],
+        anchors: list[Tensor],
+        image_list: ImageList,
+        original: list[tuple[int, int]],
+    ) -> tuple[Units, Tensor | None]:
+        """The anchors that score given units: their own when every unit is this model's box
+        (its anchor exists and decodes to the unit's box), otherwise, per unit, this model's
+        anchor whose decoded box overlaps the unit's box most (an anchor decoding to the
+        very box first); a unit no anchor overlaps with IoU >= ``match_iou`` is not detected
+        by this model (probabilities 0)."""
+        assert units.boxes_U4 is not None
+        c, n_anchors = self._classes, out["cls_logits"].shape[1]
+        anchor = torch.div(units.unit_U, c, rounding_mode="floor")
+        if len(units) == 0:
+            return units, None
+        if bool((anchor < n_anchors).all()):
+            own = torch.cat(
+                [
+                    self._decode(
+                        out["bbox_regression"][i, anchor[m]],
+                        anchors[i][anchor[m]],
+                        i,
+                        image_list,
+                        original,
+                    )
+                    for i in range(len(original))
+                    if bool((m := units.owner_U == i).any())
+                ]
             )
-        return units, cached, self._dense_probs(out["cls_logits"], units)
+            order = torch.argsort(units.owner_U, stable=True)
+            # coordinates, not IoU: a box clipped to zero area has no IoU with itself
+            if torch.allclose(own, units.boxes_U4[order], atol=1e-2, rtol=0.0):
+                return units, None
+        matched = torch.empty_like(units.unit_U)
+        found = torch.zeros(len(units), dtype=torch.bool, device=self._device)
+        for i in range(len(original)):
+            mine = torch.nonzero(units.owner_U == i).flatten()
+            if not len(mine):
+                continue
+            boxes = self._decode(out["bbox_regression"][i], anchors[i], i, image_list, original)
+            given = units.boxes_U4[mine]
+            iou = box_iou(given, boxes).nan_to_num(0.0)  # 0/0 for boxes of no area
+            # an anchor decoding to the very box wins (also when clipping left it no area)
+            exact = (given[:, None] - boxes[None]).abs().amax(-1) <= 1e-2
+            best_score, best = (iou + 2.0 * exact).max(1)
+            matched[mine] = best * c + units.unit_U[mine] % c
+            found[mine] = best_score >= self.match_iou
+        return Units(units.owner_U, matched, units.boxes_U4), found
 
     def _dense_detect(
         self,
@@ -434,9 +509,13 @@ class TorchvisionDetectionAdapter(Adapter):
             kept.append(self._to_original(b[keep], owner, image_list, original))
         return Units(torch.cat(owners), torch.cat(ids), torch.cat(kept))
 
-    def _dense_probs(self, cls_logits: Tensor, units: Units) -> Tensor:
-        anchor = torch.div(units.unit_U, self._classes, rounding_mode="floor")
-        return cls_logits[units.owner_U, anchor].sigmoid()
+    def _dense_probs(self, cls_logits: Tensor, cache: _DenseCache) -> Tensor:
+        lookup = cache.lookup
+        anchor = torch.div(lookup.unit_U, self._classes, rounding_mode="floor")
+        probs = cls_logits[lookup.owner_U, anchor].sigmoid()
+        if cache.found is not None:
+            probs = probs * cache.found[:, None]
+        return probs
 
     # -- shared helpers -------------------------------------------------------------------
     def _forward_backbone(self, images: list[Tensor]) -> tuple[ImageList, OrderedDict[str, Tensor]]:
@@ -447,25 +526,25 @@ class TorchvisionDetectionAdapter(Adapter):
             feats = OrderedDict([("0", feats)])
         return image_list, feats
 
-    def _resample(self, cached: Tensor | list[Tensor], units: Units) -> Tensor:
+    def _resample(self, cached: Tensor | _DenseCache, units: Units) -> Tensor:
         """Probabilities of ``units`` from one run of the re-sampled head on cached inputs."""
         if self.two_stage:
             assert isinstance(cached, Tensor)
             heads = self._det.roi_heads
             return heads.box_predictor(heads.box_head(cached))[0].softmax(-1)
-        assert isinstance(cached, list)
+        assert isinstance(cached, _DenseCache)
         head = self._det.head.classification_head
         if self._tower is None:
-            return self._dense_probs(head(cached), units)
+            return self._dense_probs(head(cached.levels), cached)
         # only cls_logits samples: run it on the cached tower outputs and lay the logits out
         # as torchvision's classification head does ([N, H * W * A, C] over the levels)
         per_level = []
-        for t in cached:
+        for t in cached.levels:
             logits = head.cls_logits(t)
             n, _, h, w = logits.shape
             logits = logits.view(n, -1, self._classes, h, w).permute(0, 3, 4, 1, 2)
             per_level.append(logits.reshape(n, -1, self._classes))
-        return self._dense_probs(torch.cat(per_level, 1), units)
+        return self._dense_probs(torch.cat(per_level, 1), cached)
 
     def _to_original(
         self, boxes: Tensor, owner: Tensor, image_list: ImageList, original: list[tuple[int, int]]
@@ -515,6 +594,16 @@ class TorchvisionDetectionAdapter(Adapter):
             same = len(set(channels)) == 1
             infos.append(FeatureInfo(name, channels[0] if same else channels, strides, module))
         return infos
+
+
+@dataclass
+class _DenseCache:
+    """What a dense head's MC samples re-run on: the tower outputs (or FPN maps), the
+    anchors that score each unit, and which units this model detects (None: all)."""
+
+    levels: list[Tensor]
+    lookup: Units
+    found: Tensor | None
 
 
 def _clip(boxes: Tensor, size_hw: Tensor) -> Tensor:

@@ -235,12 +235,17 @@ class TestRetinaNet(TestFasterRCNN):
         assert pred.kind == "sigmoid" and adapter.num_classes == 3
         n_anchors = 3 * (24 * 24 + 12 * 12 + 6 * 6)  # 3 anchors per cell, padded 96 x 96
         assert (pred.units().unit_U // 3 < n_anchors).all()
-        with pytest.raises(ValueError, match="anchors that this batch does not have"):
-            units = pred.units()
-            assert units.boxes_U4 is not None
-            adapter.predict(
-                self.make_batch(), units=Units(units.owner_U, units.unit_U + 10**6, units.boxes_U4)
-            )
+        # units naming anchors this model lacks are matched by their boxes: every kept box is
+        # its own anchor's decoded box, so matching finds that anchor, unless another anchor
+        # decodes to the very same box (boxes clipped to the same image border)
+        units = pred.units()
+        assert units.boxes_U4 is not None
+        foreign = Units(units.owner_U, units.unit_U + 3 * 10**6, units.boxes_U4)
+        again = adapter.predict(self.make_batch(), units=foreign)
+        assert torch.equal(again.unit_U, foreign.unit_U)  # the given units, as given
+        same = (again.probs_UCK - pred.probs_UCK).abs().amax((1, 2)) < 1e-6
+        assert bool((again.probs_UCK.sum((1, 2)) > 0).all())  # every box found
+        assert float(same.float().mean()) >= 0.75
 
 
 class TestFCOS(TestRetinaNet):
@@ -345,3 +350,26 @@ def test_dense_mc_reruns_only_cls_logits(family: str) -> None:
     torch.manual_seed(5)
     whole = adapter.predict(batch, n_samples=4, units=units)
     assert torch.allclose(cached.probs_UCK, whole.probs_UCK, atol=1e-6)
+
+
+def test_dense_members_with_other_anchors_match_by_iou() -> None:
+    """An ensemble member whose anchors differ scores the reference's boxes through its
+    best-overlapping anchor (IoU >= match_iou), and 0 where none overlaps enough."""
+    torch.manual_seed(0)
+    reference = TorchvisionDetectionAdapter(retinanet())
+    other_model = retinanet()
+    other_model.anchor_generator = AnchorGenerator(((24,), (48,), (96,)), ((1.0,),) * 3)
+    other_model.head = type(other_model.head)(32, 1, 3)  # one anchor per cell now
+    _spread(other_model.head)
+    other = TorchvisionDetectionAdapter(other_model, match_iou=0.5)
+    batch = _batch()
+    ref = reference.predict(batch)
+    ensemble = EnsembleAdapter([reference, other]).predict(batch)
+    assert same_units(ensemble.units(), ref.units())
+    member = other.predict(batch, units=ref.units())
+    assert torch.allclose(ensemble.probs_UCK[..., 1], member.probs_UCK[..., 0])
+    strict = TorchvisionDetectionAdapter(other_model, match_iou=1.0)
+    none = strict.predict(batch, units=ref.units())
+    assert torch.equal(none.probs_UCK, torch.zeros_like(none.probs_UCK))
+    with pytest.raises(ValueError, match="match_iou"):
+        TorchvisionDetectionAdapter(retinanet(), match_iou=0.0)
