@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -142,6 +143,24 @@ class InjectedDropout:
 def inject_dropout(module: nn.Module, p: float) -> RemovableHandle:
     """Add :class:`InjectedDropout` on ``module``'s input; returns the hook's handle."""
     return module.register_forward_pre_hook(InjectedDropout(p))
+
+
+def ensure_dropout(checked: nn.Module, target: nn.Module, p: float, what: str, where: str) -> None:
+    """Inject dropout(p) on ``target``'s input when ``checked`` has none, with a warning.
+
+    Adapters call this at construction, so the model trains with the dropout that MC
+    sampling uses later. ``what`` names the checked part and ``where`` the target in the
+    warning ("<what> has no dropout with p > 0: taskal adds dropout(p) on <where> ...").
+    """
+    if has_dropout(checked):
+        return
+    inject_dropout(target, p)
+    warnings.warn(
+        f"{what} has no dropout with p > 0: taskal adds dropout(p={p}) on {where}, active in "
+        "training and MC sampling",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def has_dropout(model: nn.Module) -> bool:

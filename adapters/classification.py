@@ -19,10 +19,9 @@ from taskal.adapters._hooks import (
     CapturedFeatures,
     capture_outputs,
     detach_levels,
+    ensure_dropout,
     eval_mode,
     feature_names,
-    has_dropout,
-    inject_dropout,
     mc_dropout,
     probe_feature_shapes,
 )
@@ -96,15 +95,8 @@ class ClassificationAdapter(Adapter):
         self.dropout_p = dropout_p
         self._layouts: dict[str, str] = {}
         self._feature_info = self._learn_feature_info(feature_layers)
-        if not has_dropout(model):
-            inject_dropout(head, dropout_p)
-            warnings.warn(
-                f"{type(model).__name__} has no dropout with p > 0: taskal adds "
-                f"dropout(p={dropout_p}) on the classifier input ({self._classifier_name!r}), "
-                "active in training and MC sampling",
-                UserWarning,
-                stacklevel=2,
-            )
+        where = f"the classifier input ({self._classifier_name!r})"
+        ensure_dropout(model, head, dropout_p, type(model).__name__, where)
 
     # -- contract -------------------------------------------------------------------------
     @property

@@ -37,7 +37,6 @@ ensemble fixed them) every given box is pooled as a proposal through this model'
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -54,10 +53,9 @@ from taskal.adapters._hooks import (
     CapturedFeatures,
     capture_outputs,
     detach_levels,
+    ensure_dropout,
     eval_mode,
     feature_names,
-    has_dropout,
-    inject_dropout,
     mc_dropout,
 )
 from taskal.registry import ADAPTERS, MODELS, build
@@ -134,15 +132,9 @@ class MMDetAdapter(Adapter):
         self._det: Any = det
         self._feature_info, cls_module = self._probe()
         rerun = det.roi_head.bbox_head if self.two_stage else det.bbox_head
-        if not has_dropout(rerun):
-            inject_dropout(self._model.get_submodule(cls_module), dropout_p)
-            warnings.warn(
-                f"{type(model).__name__}'s re-sampled head has no dropout with p > 0: taskal "
-                f"adds dropout(p={dropout_p}) on the input of {cls_module}, active in training "
-                "and MC sampling",
-                UserWarning,
-                stacklevel=2,
-            )
+        what = f"{type(model).__name__}'s re-sampled head"
+        target = self._model.get_submodule(cls_module)
+        ensure_dropout(rerun, target, dropout_p, what, f"the input of {cls_module}")
 
     # -- contract -------------------------------------------------------------------------
     @property

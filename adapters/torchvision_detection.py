@@ -29,7 +29,6 @@ given box is pooled as a proposal through this model's RoI head.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -47,10 +46,10 @@ from taskal.adapters._hooks import (
     CapturedFeatures,
     capture_outputs,
     detach_levels,
+    ensure_dropout,
     eval_mode,
     feature_names,
     has_dropout,
-    inject_dropout,
     mc_dropout,
 )
 from taskal.registry import ADAPTERS, MODELS
@@ -166,16 +165,9 @@ class TorchvisionDetectionAdapter(Adapter):
         self._tower: str | None = None
         if not self.two_stage and not has_dropout(det.head.classification_head.conv):
             self._tower = "head.classification_head.conv"
-        if not has_dropout(rerun):
-            inject_dropout(sampled, dropout_p)
-            where = "box predictor" if self.two_stage else "classification head's cls_logits"
-            warnings.warn(
-                f"{type(model).__name__}'s re-sampled head has no dropout with p > 0: taskal "
-                f"adds dropout(p={dropout_p}) on the input of its {where}, active in training "
-                "and MC sampling",
-                UserWarning,
-                stacklevel=2,
-            )
+        where = "box predictor" if self.two_stage else "classification head's cls_logits"
+        what = f"{type(model).__name__}'s re-sampled head"
+        ensure_dropout(rerun, sampled, dropout_p, what, f"the input of its {where}")
 
     # -- contract -------------------------------------------------------------------------
     @property
