@@ -241,6 +241,8 @@ class Selector:
             )
         n_samples = strategy.n_samples if strategy.sampling != "deterministic" else 1
         acc = _Stream(len(candidates))
+        background = getattr(adapter, "background", None)
+        quality = _class_quality(adapter, strategy) if "class_quality" in needs else None
         offset = 0
         total = -(-len(candidates) // self.batch_size)
         desc = f"scoring pool ({type(strategy).__name__})"
@@ -254,9 +256,8 @@ class Selector:
                     "in the requested order"
                 )
             batch = batch.without_labels(self.keep_meta)
-            out = BatchOutputs(list(batch.ids), background=getattr(adapter, "background", None))
-            if "class_quality" in needs:
-                out.class_quality_C = _class_quality(adapter, strategy)
+            out = BatchOutputs(list(batch.ids), background=background)
+            out.class_quality_C = quality
             if needs & {"probs", "item_probs", "item_class"}:
                 out.predictions = adapter.predict(batch, n_samples=n_samples)
                 check_probs(out.predictions.probs_UCK, out.predictions.kind)

@@ -6,13 +6,9 @@
 #
 #   python tools/simulate.py --config configs/det/synthetic_retinanet_mmdet.py
 #
-# Sized for a 2-core CPU (one thread, beside another job): a training of the first round
-# (40 images, 120 steps) took 30 s, one of the last (160 images, 240 steps) 64 s, selecting
-# from the 460-image pool 7 s (entropy), 44 s (BALD, 20 head samples), 5 s (core-set) and
-# 12 s (hybrid), a test evaluation 2 s; so one seed of the 5 strategies x 4 trainings
-# (3 rounds) takes about 19 minutes, and --num-seeds 3 about an hour.
-# At this budget RetinaNet from scratch stays weak (random's mAP 0.005 on 40 images, 0.010
-# on 160, measured): raise mmdet_train.max_epochs for curves that separate more clearly.
+# Sized for a 2-core CPU: 6 epochs of at least 80 images per round and a lighter head
+# (below); from scratch RetinaNet stays weak at this budget, so raise
+# mmdet_train.max_epochs for curves that separate more clearly.
 # llal trains the detector inside taskal.llal.mmdet.LLALDetector (one more training per
 # round's cost); no badge (RetinaNet's classifier is sigmoid, BADGE's gradient embedding
 # needs a softmax).
