@@ -78,8 +78,9 @@ class DifficultyCalibrated(UnitScoreStrategy):
 
     def weighted_scores(
         self, p: Predictions, quality_C: Tensor, background: int | None = None
-    ) -> Tensor:
-        """``[U]`` weighted uncertainties, 0 for boxes scored below ``score_thr``."""
+    ) -> tuple[Tensor, Tensor]:
+        """``[U]`` difficulty-weighted entropies, and ``[U]`` True for the boxes whose
+        detection score (their best foreground probability) reaches ``score_thr``."""
         fg = F.foreground(p.probs_UCK.mean(-1), background)
         if quality_C.numel() != fg.shape[1]:
             raise ValueError(
@@ -88,15 +89,7 @@ class DifficultyCalibrated(UnitScoreStrategy):
             )
         conf, label = fg.max(1) if fg.shape[0] else (fg.new_zeros(0), fg.new_zeros(0).long())
         weights = class_weights(quality_C.to(fg.device), self.alpha, self.upper)
-        unc = F.entropy(p.probs_UCK, kind=p.kind)
-        return torch.where(conf >= self.score_thr, unc * weights[label], torch.zeros_like(unc))
-
-    def confident(self, p: Predictions, background: int | None = None) -> Tensor:
-        """``[U]`` True for boxes whose detection score reaches ``score_thr``."""
-        fg = F.foreground(p.probs_UCK.mean(-1), background)
-        if not fg.shape[0]:
-            return torch.zeros(0, dtype=torch.bool, device=fg.device)
-        return fg.max(1).values >= self.score_thr
+        return F.entropy(p.probs_UCK, kind=p.kind) * weights[label], conf >= self.score_thr
 
     def score_batch(self, outputs: BatchOutputs) -> Tensor:
         """Per image, the reduction over its boxes at or above ``score_thr``; an image with
@@ -104,8 +97,7 @@ class DifficultyCalibrated(UnitScoreStrategy):
         p = outputs.predictions
         if p is None or outputs.class_quality_C is None:
             raise ValueError(f"{type(self).__name__} needs predictions and class quality")
-        scores_U = self.weighted_scores(p, outputs.class_quality_C, outputs.background)
-        keep = self.confident(p, outputs.background)
+        scores_U, keep = self.weighted_scores(p, outputs.class_quality_C, outputs.background)
         return F.reduce_units(
             scores_U[keep],
             p.owner_U[keep],
