@@ -12,19 +12,8 @@
 # llal trains the detector inside taskal.llal.mmdet.LLALDetector (one more training per
 # round's cost); no badge (RetinaNet's classifier is sigmoid, BADGE's gradient embedding
 # needs a softmax).
-task = "det"
-dataset = dict(
-    type="synthetic_detection",
-    root="work_dirs/data/synthetic_shapes_96",  # relative to the repository
-    num_images=600,
-    image_size=(96, 96),
-    classes=("circle", "square", "triangle"),
-    objects_per_image=(1, 4),
-    object_scale=(0.15, 0.5),
-    imbalance=0.6,  # class k drawn with weight 0.6**k: triangles are the rare class
-    seed=0,
-)
-test_fraction = 1 / 6  # 100 test images, 500 in the pool (split seed 0)
+_base_ = ["../_base_/det/synthetic_shapes.py"]
+
 mmdet_config = "configs/det/retinanet_r18_synthetic.py"  # relative to the repository
 # What differs from that config for a few hundred CPU steps per round:
 mmdet_cfg_options = dict(
@@ -40,8 +29,6 @@ mmdet_cfg_options = dict(
 # MMDetTrainConfig: epochs, images per step, lr, and an epoch of at least 80 images
 mmdet_train = dict(max_epochs=6, batch_size=4, lr=0.02, min_epoch_items=80, num_workers=0)
 work_dir = None  # the Runner's runs go to temporary folders; a path keeps them there
-batch_size = 16  # images per forward while scoring and evaluating
-device = "cpu"
 al = dict(
     strategies=[
         dict(type="entropy", reduction="sum"),
@@ -56,8 +43,5 @@ al = dict(
             candidates_factor=4,
         ),
     ],
-    initial=40,
-    budget=40,
-    rounds=3,
     seeds=[0],
 )
