@@ -12,6 +12,10 @@ filters the unit ids with the boxes, since it indexes every field of its ``Insta
 
 A unit's probabilities are its anchor's class vector: sigmoid, or the softmax over
 ``C + 1`` (background last) of a softmax head. Score factors only rank boxes, as in mmdet.
+
+Given units (an ensemble's reference boxes) are matched to this model's anchors by their
+decoded boxes (:func:`match`), so members with other anchors or other regressions score the
+same boxes.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from mmdet.structures.bbox import cat_boxes, get_box_tensor
 from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
+from taskal.adapters._detection import DenseCache, match_boxes, same_boxes
 from taskal.types import Units
 
 _UNIT_FIELD = "taskal_unit"
@@ -50,35 +55,97 @@ def class_scores(head: Any, cls_scores: list[Tensor]) -> Tensor:
     return torch.cat([x.permute(0, 2, 3, 1).reshape(b, -1, c) for x in cls_scores], 1)
 
 
-def unit_probs(head: Any, cls_scores: list[Tensor], units: Units) -> Tensor:
-    """The units' anchors' class vectors as probabilities ``[U, cls_out_channels]``."""
+def unit_probs(head: Any, cls_scores: list[Tensor], cache: DenseCache) -> Tensor:
+    """The units' anchors' class vectors as probabilities ``[U, cls_out_channels]``; a unit
+    this model does not detect gets zeros (sigmoid) or all mass on background (softmax)."""
     logits = class_scores(head, cls_scores)
-    c = head.cls_out_channels
-    anchor = torch.div(units.unit_U, c, rounding_mode="floor")
-    if len(units) and int(anchor.max()) >= logits.shape[1]:
-        raise ValueError(
-            f"units name anchors that this batch does not have (it has {logits.shape[1]} per "
-            "image); pass the units of a prediction on this batch"
-        )
-    rows = logits[units.owner_U, anchor]
-    return rows.sigmoid() if head.use_sigmoid_cls else rows.softmax(-1)
+    lookup, c = cache.lookup, head.cls_out_channels
+    anchor = torch.div(lookup.unit_U, c, rounding_mode="floor")
+    rows = logits[lookup.owner_U, anchor]
+    probs = rows.sigmoid() if head.use_sigmoid_cls else rows.softmax(-1)
+    if cache.found is not None:
+        missed = torch.zeros_like(probs)
+        if not head.use_sigmoid_cls:
+            missed[:, -1] = 1.0
+        probs = torch.where(cache.found[:, None], probs, missed)
+    return probs
 
 
 def dense(
-    head: Any, feats: tuple[Tensor, ...], samples: list[Any], units: Units | None
-) -> tuple[Units, list[Tensor], Tensor]:
-    """Units, the cached neck levels and the units' probabilities ``[U, cls_out_channels]``."""
+    head: Any, feats: tuple[Tensor, ...], samples: list[Any], units: Units | None, match_iou: float
+) -> tuple[Units, DenseCache, Tensor]:
+    """Units, what MC samples re-run on and the units' probabilities ``[U, cls_out_channels]``.
+
+    Given units are scored through their own anchors when each decodes, in this model, to
+    the unit's box; otherwise every unit goes to this model's anchor decoding to the very
+    box, else to the one overlapping it most (a unit none overlaps with IoU >= ``match_iou``
+    is not detected by this model).
+    """
     outs = head(feats)
+    metas = [s.metainfo for s in samples]
+    lookup: Units
+    found: Tensor | None = None
     if units is None:
         score_factors = outs[2] if len(outs) > 2 else None
-        metas = [s.metainfo for s in samples]
-        units = detect(head, outs[0], outs[1], score_factors, metas)
-    return units, list(feats), unit_probs(head, outs[0], units)
+        units = lookup = detect(head, outs[0], outs[1], score_factors, metas)
+    else:
+        lookup, found = match(head, outs[0], outs[1], metas, units, match_iou)
+    cache = DenseCache(list(feats), lookup, found)
+    return units, cache, unit_probs(head, outs[0], cache)
 
 
-def resample(head: Any, feats: list[Tensor], units: Units) -> Tensor:
+def resample(head: Any, cache: DenseCache) -> Tensor:
     """The units' probabilities from one run of the head on cached neck levels."""
-    return unit_probs(head, head(tuple(feats))[0], units)
+    return unit_probs(head, head(tuple(cache.levels))[0], cache)
+
+
+def decode_all(
+    head: Any, cls_scores: list[Tensor], bbox_preds: list[Tensor], metas: list[dict[str, Any]]
+) -> list[Tensor]:
+    """Every anchor's decoded box ``[A, 4]`` per image, in the units' anchor order."""
+    sizes = [x.shape[-2:] for x in cls_scores]
+    priors = cat_boxes(
+        head.prior_generator.grid_priors(
+            sizes, dtype=cls_scores[0].dtype, device=cls_scores[0].device
+        )
+    )
+    size = head.bbox_coder.encode_size
+    out = []
+    for i, meta in enumerate(metas):
+        preds = torch.cat([p[i].permute(1, 2, 0).reshape(-1, size) for p in bbox_preds])
+        boxes = head.bbox_coder.decode(priors, preds, max_shape=meta["img_shape"])
+        out.append(get_box_tensor(boxes))
+    return out
+
+
+def match(
+    head: Any,
+    cls_scores: list[Tensor],
+    bbox_preds: list[Tensor],
+    metas: list[dict[str, Any]],
+    units: Units,
+    match_iou: float,
+) -> tuple[Units, Tensor | None]:
+    """The units naming this model's anchors, and which of them it detects (see
+    :func:`dense`); ``None`` when the given units are this model's own boxes."""
+    assert units.boxes_U4 is not None
+    if len(units) == 0:
+        return units, None
+    c = head.cls_out_channels
+    boxes = decode_all(head, cls_scores, bbox_preds, metas)
+    anchor = torch.div(units.unit_U, c, rounding_mode="floor")
+    if int(anchor.max()) < len(boxes[0]):
+        own = torch.stack(boxes)[units.owner_U, anchor]  # every image has all the anchors
+        if same_boxes(own, units.boxes_U4):
+            return units, None
+    matched = torch.empty_like(units.unit_U)
+    found = torch.zeros(len(units), dtype=torch.bool, device=units.unit_U.device)
+    for i, image_boxes in enumerate(boxes):
+        mine = torch.nonzero(units.owner_U == i).flatten()
+        if len(mine):
+            best, found[mine] = match_boxes(units.boxes_U4[mine], image_boxes, match_iou)
+            matched[mine] = best * c + units.unit_U[mine] % c
+    return Units(units.owner_U, matched, units.boxes_U4), found
 
 
 def detect(

@@ -28,7 +28,10 @@ own ``data_preprocessor`` (``bgr_to_rgb``, mean/std, ``pad_size_divisor``) with
 need no rescaling.
 
 Re-scoring given units (``predict(units=...)``): a dense model takes the anchor from
-``unit_U`` (members built from the same config share anchors). A two-stage model recomputes
+``unit_U`` when that anchor decodes to the unit's box in this model; otherwise (an ensemble
+member with other anchors or other weights) each box is scored through this model's anchor
+decoding to the very box, else overlapping it most, and counts as not detected (zero, or
+all background for a softmax head) below IoU ``match_iou``. A two-stage model recomputes
 its proposals (deterministic in eval mode); when every given unit is one of its own
 detections, the unit is re-scored on its proposal, otherwise (the reference member of an
 ensemble fixed them) every given box is pooled as a proposal through this model's RoI head.
@@ -48,7 +51,7 @@ from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
 from taskal.adapters import _mmdet_dense, _mmdet_two_stage
-from taskal.adapters._detection import check_box_units
+from taskal.adapters._detection import DenseCache, check_box_units, check_match_iou
 from taskal.adapters._hooks import (
     CapturedFeatures,
     capture_outputs,
@@ -84,6 +87,8 @@ class MMDetAdapter(Adapter):
         dropout_p: probability of the dropout added to the re-sampled head when it has none
             (on the input of the box head's ``fc_cls``, or of the dense head's
             classification convolution); added at construction, so it is trained in.
+        match_iou: the IoU with which a dense model's anchor box must overlap a given unit's
+            box to score it (see the module docstring); unused by two-stage models.
         device: where the model runs.
 
     Raises:
@@ -103,8 +108,10 @@ class MMDetAdapter(Adapter):
         self,
         model: nn.Module | Mapping[str, Any],
         dropout_p: float = 0.5,
+        match_iou: float = 0.5,
         device: str | torch.device = "cpu",
     ) -> None:
+        self.match_iou = check_match_iou(match_iou)
         if isinstance(model, Mapping):
             model = _build_detector(model)
         det: Any = model  # mmdet detectors are untyped: their parts are attributes
@@ -161,7 +168,7 @@ class MMDetAdapter(Adapter):
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         if units is not None:
             units = check_box_units(units, batch.image_sizes(), self._device)
-        cached: Tensor | list[Tensor]
+        cached: Tensor | DenseCache
         with torch.no_grad():
             with eval_mode(self._model):
                 inputs, samples = self._preprocess(batch)
@@ -172,11 +179,11 @@ class MMDetAdapter(Adapter):
                     )
                 else:
                     units, cached, probs = _mmdet_dense.dense(
-                        self._det.bbox_head, feats, samples, units
+                        self._det.bbox_head, feats, samples, units, self.match_iou
                     )
             if n_samples > 1:
                 with self.stochastic():
-                    draws = [self._resample(cached, units) for _ in range(n_samples)]
+                    draws = [self._resample(cached) for _ in range(n_samples)]
                 probs = torch.stack(draws, -1)
             else:
                 probs = probs.unsqueeze(-1)
@@ -267,13 +274,13 @@ class MMDetAdapter(Adapter):
         return mc_dropout(self._model)
 
     # -- helpers --------------------------------------------------------------------------
-    def _resample(self, cached: Tensor | list[Tensor], units: Units) -> Tensor:
-        """Probabilities of ``units`` from one run of the re-sampled head on cached inputs."""
+    def _resample(self, cached: Tensor | DenseCache) -> Tensor:
+        """Probabilities of the units from one run of the re-sampled head on cached inputs."""
         if self.two_stage:
             assert isinstance(cached, Tensor)
             return _mmdet_two_stage.resample(self._det, cached)
-        assert isinstance(cached, list)
-        return _mmdet_dense.resample(self._det.bbox_head, cached, units)
+        assert isinstance(cached, DenseCache)
+        return _mmdet_dense.resample(self._det.bbox_head, cached)
 
     def _preprocess(
         self, batch: Batch, samples: list[DetDataSample] | None = None

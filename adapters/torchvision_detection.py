@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,9 +38,15 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import batched_nms, box_iou, remove_small_boxes
+from torchvision.ops import batched_nms, remove_small_boxes
 
-from taskal.adapters._detection import check_box_units
+from taskal.adapters._detection import (
+    DenseCache,
+    check_box_units,
+    check_match_iou,
+    match_boxes,
+    same_boxes,
+)
 from taskal.adapters._hooks import (
     CapturedFeatures,
     capture_outputs,
@@ -153,9 +158,7 @@ class TorchvisionDetectionAdapter(Adapter):
             )
         if not 0.0 < dropout_p < 1.0:
             raise ValueError(f"dropout_p must lie in (0, 1), got {dropout_p}")
-        if not 0.0 < match_iou <= 1.0:
-            raise ValueError(f"match_iou must lie in (0, 1], got {match_iou}")
-        self.match_iou = float(match_iou)
+        self.match_iou = check_match_iou(match_iou)
         self._device = torch.device(device)
         self._model = model.to(self._device)
         self._det: Any = self._model  # the same detector, for torchvision's untyped attributes
@@ -188,7 +191,7 @@ class TorchvisionDetectionAdapter(Adapter):
         images, original = self._images(batch)
         if units is not None:
             units = check_box_units(units, original, self._device)
-        cached: Tensor | _DenseCache
+        cached: Tensor | DenseCache
         with torch.no_grad():
             with eval_mode(self._model):
                 image_list, feats = self._forward_backbone(images)
@@ -369,7 +372,7 @@ class TorchvisionDetectionAdapter(Adapter):
         feats: OrderedDict[str, Tensor],
         original: list[tuple[int, int]],
         units: Units | None,
-    ) -> tuple[Units, _DenseCache, Tensor]:
+    ) -> tuple[Units, DenseCache, Tensor]:
         """Units, what MC samples re-run on, and the units' sigmoid class vectors ``[U, C]``."""
         levels = list(feats.values())
         tower = self._tower
@@ -383,7 +386,7 @@ class TorchvisionDetectionAdapter(Adapter):
             lookup, found = units, None
         else:
             lookup, found = self._match_anchors(units, out, anchors, image_list, original)
-        cache = _DenseCache(cached, lookup, found)
+        cache = DenseCache(cached, lookup, found)
         return units, cache, self._dense_probs(out["cls_logits"], cache)
 
     def _decode(
@@ -439,8 +442,7 @@ class TorchvisionDetectionAdapter(Adapter):
                 ]
             )
             order = torch.argsort(units.owner_U, stable=True)
-            # coordinates, not IoU: a box clipped to zero area has no IoU with itself
-            if torch.allclose(own, units.boxes_U4[order], atol=1e-2, rtol=0.0):
+            if same_boxes(own, units.boxes_U4[order]):
                 return units, None
         matched = torch.empty_like(units.unit_U)
         found = torch.zeros(len(units), dtype=torch.bool, device=self._device)
@@ -449,13 +451,8 @@ class TorchvisionDetectionAdapter(Adapter):
             if not len(mine):
                 continue
             boxes = self._decode(out["bbox_regression"][i], anchors[i], i, image_list, original)
-            given = units.boxes_U4[mine]
-            iou = box_iou(given, boxes).nan_to_num(0.0)  # 0/0 for boxes of no area
-            # an anchor decoding to the very box wins (also when clipping left it no area)
-            exact = (given[:, None] - boxes[None]).abs().amax(-1) <= 1e-2
-            best_score, best = (iou + 2.0 * exact).max(1)
+            best, found[mine] = match_boxes(units.boxes_U4[mine], boxes, self.match_iou)
             matched[mine] = best * c + units.unit_U[mine] % c
-            found[mine] = best_score >= self.match_iou
         return Units(units.owner_U, matched, units.boxes_U4), found
 
     def _dense_detect(
@@ -501,7 +498,7 @@ class TorchvisionDetectionAdapter(Adapter):
             kept.append(self._to_original(b[keep], owner, image_list, original))
         return Units(torch.cat(owners), torch.cat(ids), torch.cat(kept))
 
-    def _dense_probs(self, cls_logits: Tensor, cache: _DenseCache) -> Tensor:
+    def _dense_probs(self, cls_logits: Tensor, cache: DenseCache) -> Tensor:
         lookup = cache.lookup
         anchor = torch.div(lookup.unit_U, self._classes, rounding_mode="floor")
         probs = cls_logits[lookup.owner_U, anchor].sigmoid()
@@ -518,13 +515,13 @@ class TorchvisionDetectionAdapter(Adapter):
             feats = OrderedDict([("0", feats)])
         return image_list, feats
 
-    def _resample(self, cached: Tensor | _DenseCache, units: Units) -> Tensor:
+    def _resample(self, cached: Tensor | DenseCache, units: Units) -> Tensor:
         """Probabilities of ``units`` from one run of the re-sampled head on cached inputs."""
         if self.two_stage:
             assert isinstance(cached, Tensor)
             heads = self._det.roi_heads
             return heads.box_predictor(heads.box_head(cached))[0].softmax(-1)
-        assert isinstance(cached, _DenseCache)
+        assert isinstance(cached, DenseCache)
         head = self._det.head.classification_head
         if self._tower is None:
             return self._dense_probs(head(cached.levels), cached)
@@ -586,16 +583,6 @@ class TorchvisionDetectionAdapter(Adapter):
             same = len(set(channels)) == 1
             infos.append(FeatureInfo(name, channels[0] if same else channels, strides, module))
         return infos
-
-
-@dataclass
-class _DenseCache:
-    """What a dense head's MC samples re-run on: the tower outputs (or FPN maps), the
-    anchors that score each unit, and which units this model detects (None: all)."""
-
-    levels: list[Tensor]
-    lookup: Units
-    found: Tensor | None
 
 
 def _clip(boxes: Tensor, size_hw: Tensor) -> Tensor:

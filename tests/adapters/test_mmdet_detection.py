@@ -21,8 +21,9 @@ from mmdet.structures import DetDataSample
 from mmengine.config import Config
 from mmengine.structures import InstanceData
 from torch import nn
+from torchvision.ops import box_iou
 
-from taskal.adapters import EnsembleAdapter, MMDetAdapter
+from taskal.adapters import EnsembleAdapter, MMDetAdapter, _mmdet_dense
 from taskal.registry import ADAPTERS, MODELS, build
 from taskal.types import Adapter, Batch, Units, same_units
 
@@ -366,3 +367,63 @@ def test_dropout_in_the_head_is_used_as_is() -> None:
     torch.manual_seed(0)
     probs = adapter.predict(_batch(), n_samples=2).probs_UCK
     assert not torch.allclose(probs[..., 0], probs[..., 1])
+
+
+@pytest.mark.parametrize("sigmoid", [True, False])
+def test_dense_members_with_other_anchors_match_by_iou(sigmoid: bool) -> None:
+    """A RetinaNet member with one anchor per cell (the reference has nine) scores the
+    reference's boxes through its best-overlapping anchor (IoU >= match_iou); below it the
+    box is not detected: zeros for a sigmoid head, all background for a softmax head."""
+    cfg = copy.deepcopy(_configs["retinanet"].model)
+    if not sigmoid:
+        cfg.bbox_head.loss_cls = dict(type="CrossEntropyLoss", use_sigmoid=False)
+    torch.manual_seed(0)
+    reference = MMDetAdapter(build(MODELS, copy.deepcopy(cfg)))
+    cfg.bbox_head.anchor_generator.update(scales_per_octave=1, ratios=[1.0])
+    torch.manual_seed(1)
+    other_model = build(MODELS, cfg)
+    other = MMDetAdapter(copy.deepcopy(other_model))
+    batch = _batch()
+    ref = reference.predict(batch)
+    assert len(ref.units()) > 0
+    ensemble = EnsembleAdapter([reference, other]).predict(batch)
+    assert same_units(ensemble.units(), ref.units())
+    member = other.predict(batch, units=ref.units())
+    assert same_units(member.units(), ref.units())
+    assert torch.allclose(ensemble.probs_UCK[..., 1], member.probs_UCK[..., 0], atol=1e-6)
+    assert bool(member.probs_UCK.any()), "some reference boxes overlap an anchor of the member"
+    strict = MMDetAdapter(copy.deepcopy(other_model), match_iou=1.0)
+    none = strict.predict(batch, units=ref.units()).probs_UCK[..., 0]
+    if sigmoid:
+        assert torch.equal(none, torch.zeros_like(none))
+    else:
+        assert torch.equal(none[:, -1], torch.ones(len(none))) and not none[:, :-1].any()
+    with pytest.raises(ValueError, match="match_iou"):
+        MMDetAdapter(_model("retinanet"), match_iou=1.5)
+
+
+def test_dense_members_with_other_weights_score_their_own_overlapping_anchor() -> None:
+    """Two members from one config share anchors but not regressions: the second scores
+    each reference box through its anchor decoding closest to that box, which is the
+    reference's own anchor only where its regression happens to decode there."""
+    reference, other = _adapter("retinanet", 0), _adapter("retinanet", 1)
+    batch = _batch()
+    units = reference.predict(batch).units()
+    inputs, samples = other._preprocess(batch)
+    det: Any = other.model
+    with torch.no_grad():
+        outs = det.bbox_head(det.extract_feat(inputs))
+    metas = [s.metainfo for s in samples]
+    lookup, found = _mmdet_dense.match(det.bbox_head, outs[0], outs[1], metas, units, 0.5)
+    assert found is not None and same_units(
+        Units(lookup.owner_U, lookup.unit_U % 3, lookup.boxes_U4),
+        Units(units.owner_U, units.unit_U % 3, units.boxes_U4),
+    )
+    boxes = torch.stack(_mmdet_dense.decode_all(det.bbox_head, outs[0], outs[1], metas))
+    assert units.boxes_U4 is not None
+    chosen = boxes[lookup.owner_U, lookup.unit_U // 3]
+    for u in range(len(units)):
+        given = units.boxes_U4[u : u + 1]
+        best = box_iou(given, boxes[units.owner_U[u]])[0].max()
+        got = box_iou(given, chosen[u : u + 1])[0, 0]
+        assert torch.isclose(got, best) and bool(found[u]) == bool(got >= 0.5)
