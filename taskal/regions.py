@@ -150,6 +150,12 @@ def unlabeled_regions(
     return keep
 
 
+def empty_boxes(box_R4: Tensor) -> Tensor:
+    """``[R]`` True for regions whose box has no area (a detection clipped flat at the image
+    border): there is nothing to show an annotator. Regions without boxes (NaN) are not."""
+    return (box_R4[:, 2] <= box_R4[:, 0]) | (box_R4[:, 3] <= box_R4[:, 1])
+
+
 def region_boxes(p: Predictions, owner_R: Tensor, region_R: Tensor) -> Tensor:
     """``[R, 4]`` enclosing box of each region's units (NaN without boxes)."""
     num = owner_R.shape[0]

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from taskal.functional import check_budget, check_probs, foreground, reduce_regions
 from taskal.functional.reduction import REDUCTIONS
 from taskal.queries import LabelState, Query
-from taskal.regions import RegionBuffer, region_boxes, unlabeled_regions
+from taskal.regions import RegionBuffer, empty_boxes, region_boxes, unlabeled_regions
 from taskal.registry import QUERY_STRATEGIES, build
 from taskal.strategies.base import QueryStrategy
 from taskal.types import (
@@ -164,8 +164,8 @@ class Selector:
         """Return queries whose costs add up to at most ``budget``.
 
         Item queries: ``budget`` unique items not yet labeled. Region queries: regions of
-        items not fully labeled, skipping regions already labeled, best first, while their
-        cost fits the budget.
+        items not fully labeled, skipping regions already labeled and boxes without area,
+        best first, while their cost fits the budget.
 
         ``generator`` decides everything random (MC-dropout masks, ties, random picks); with
         ``None`` a generator seeded 0 is used, so the same call gives the same queries and
@@ -319,6 +319,7 @@ class Selector:
             raise ValueError(f"{type(strategy).__name__} gave NaN/inf region scores")
         box_R4 = region_boxes(p, owner_R, region_R)
         keep = unlabeled_regions(owner_R, region_R, offset, candidates, state, box_R4)
+        keep &= ~empty_boxes(box_R4)
         buffer.push(
             score_R[keep],
             owner_R[keep] + offset,

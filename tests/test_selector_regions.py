@@ -267,3 +267,27 @@ def test_labeled_boxes_are_recognised_by_overlap_not_by_index() -> None:
         True,
         True,
     ]
+
+
+def test_boxes_without_area_are_never_queried() -> None:
+    """A detection clipped flat at the border has nothing to show an annotator."""
+
+    class FlatBoxes(ToyBoxAdapter):
+        def predict(
+            self, batch: Batch, n_samples: int = 1, units: Units | None = None
+        ) -> Predictions:
+            pred = super().predict(batch, n_samples, units)
+            assert pred.boxes_U4 is not None
+            pred.boxes_U4[::2, 3] = pred.boxes_U4[::2, 1]  # every other box: zero height
+            return pred
+
+    torch.manual_seed(0)
+    adapter = FlatBoxes(num_classes=2, kind="softmax", score_thr=0.0)
+    source = ImageList(4)
+    units = len(adapter.predict(next(source.batches(source.ids, 256))).owner_U)
+    selector = Selector("entropy", progress=False, query="region")  # one batch of 4
+    queries = selector.select(adapter, source, [], float(units // 2))  # every box with area
+    assert len(queries) == units // 2
+    assert all(q.box is not None and q.box[3] > q.box[1] for q in queries)
+    with pytest.raises(ValueError, match="larger than the unlabeled regions' total cost"):
+        selector.select(adapter, source, [], float(units // 2 + 1))

@@ -227,7 +227,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
     rows = summarize(results)
-    table = format_table(rows, results["metric"], cost="boxes" if metric == "mAP" else None)
+    table = format_table(rows, results["metric"], cost=getattr(sim, "cost_unit", None))
     plot_curves(results, out / "learning_curve.png")
     elapsed = time.perf_counter() - started
     (out / "summary.md").write_text(

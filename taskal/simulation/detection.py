@@ -3,8 +3,17 @@
 As for classification (:mod:`taskal.simulation.loop`): every (strategy, seed) run starts
 from the same seed-dependent initial images and model initialisation each round, random
 always runs, and the curve records the metric (COCO box mAP on a held-out split, from
-pycocotools) against the number of labeled images. Queries are whole images; box queries
-need training on partially annotated images, which is not built yet.
+pycocotools) against the number of labeled images and the annotation cost spent
+(:class:`~taskal.export.AnnotationCost`; by default the boxes drawn).
+
+A strategy queries whole images, or, with ``query="region"`` in its entry, boxes: each round
+buys ``region_budget`` of the detector's boxes, the oracle labels every object overlapping a
+queried box, and the detector trains on whole labeled images plus one crop per queried box
+(:class:`~taskal.partial.PartialDetectionPool`: unlabeled pixels are never background). A box
+query costs ``per_box_verified``, plus ``per_box_drawn`` for each labeled object that no
+queried box matches (IoU >= 0.5), plus ``per_image`` once per image opened; a whole image
+costs ``per_image`` plus ``per_box_drawn`` per object (:meth:`DetectionSimulation.annotation_cost`).
+Box queries train torchvision detectors (``model``) only.
 
 The detector is either a torchvision one (``model``, trained by
 :func:`~taskal.training_det.train_detector`) or an mmdet 3.x config file (``mmdet_config``,
@@ -32,17 +41,19 @@ import torch
 from mmengine.config import Config
 from mmengine.hooks import Hook
 from torch import nn
+from torchvision.ops import box_iou
 
 from taskal.adapters.mmdet_detection import MMDetAdapter
 from taskal.adapters.torchvision_detection import TorchvisionDetectionAdapter
 from taskal.data.coco import CocoDetectionPool
 from taskal.evaluation import class_quality, coco_map
-from taskal.export import queries_to_coco, write_coco_queries
+from taskal.export import AnnotationCost, queries_to_coco, write_coco_queries
 from taskal.llal.mmdet import LLALDetector, LLALStopGradHook
 from taskal.llal.module import LossPredictionModule
-from taskal.queries import Query
-from taskal.simulation.loop import _dataclass_from, resolve_strategies
-from taskal.simulation.rounds import RoundLoop, mix_seed
+from taskal.partial import PartialDetectionPool
+from taskal.queries import LabelState, Query
+from taskal.simulation.loop import _dataclass_from, query_kinds, resolve_strategies
+from taskal.simulation.rounds import Labeled, RoundLoop, mix_seed
 from taskal.strategies.base import QueryStrategy
 from taskal.training import LLALConfig
 from taskal.training_det import DetTrainConfig, train_detector
@@ -83,6 +94,13 @@ class DetSimulationConfig:
         train: :class:`~taskal.training_det.DetTrainConfig` fields (``model`` only).
         llal: :class:`~taskal.training.LLALConfig` fields for ``llal`` strategies.
         queries_dir: where every round's queries go as COCO json (``None``: nowhere).
+        region_budget: boxes bought per round by strategies with ``query="region"``
+            (required when there is one).
+        annotation_cost: :class:`~taskal.export.AnnotationCost` fields; by default opening an
+            image is free and a verified box costs a quarter of a drawn one, so the recorded
+            cost of whole images is the boxes drawn.
+        partial: :class:`~taskal.partial.PartialDetectionPool` options for box queries
+            (``context``, ``min_visible``, ``min_size``).
         batch_size: images per forward while scoring and evaluating.
         device: where models run.
         progress: show progress bars.
@@ -101,6 +119,9 @@ class DetSimulationConfig:
     train: dict[str, Any] = field(default_factory=dict)
     llal: dict[str, Any] = field(default_factory=dict)
     queries_dir: str | None = None
+    region_budget: float | None = None
+    annotation_cost: dict[str, Any] = field(default_factory=dict)
+    partial: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 8
     device: str = "cpu"
     progress: bool = True
@@ -129,6 +150,11 @@ class DetSimulationConfig:
             # work_dir is set per training (DetectionSimulation._run_dir)
             train = {"work_dir": ".", **self.mmdet_train}
             self.mmdet_train_cfg = _dataclass_from(MMDetTrainConfig, train, "mmdet_train")
+        self.cost = _dataclass_from(
+            AnnotationCost, {"per_image": 0.0, **self.annotation_cost}, "annotation_cost"
+        )
+        self.query_kinds = query_kinds(self.strategies, regions="boxes")
+        self._check_box_queries()
         for label, strategy in resolve_strategies(self.strategies):
             if strategy.sampling == "ensemble":
                 raise ValueError(
@@ -136,6 +162,29 @@ class DetSimulationConfig:
                     "simulation does not train yet; use uncertainty, MC-dropout, LLAL, "
                     "core-set, BADGE, two-stage, difficulty-calibrated or random strategies"
                 )
+
+    def _check_box_queries(self) -> None:
+        """Box queries need a torchvision model and a positive ``region_budget``."""
+        boxes = [label for label, kind in self.query_kinds.items() if kind == "region"]
+        if not boxes:
+            return
+        if self.mmdet_config is not None:
+            raise ValueError(
+                f"strategies {boxes} query boxes, whose crops train torchvision detectors "
+                "(model) only; an mmdet_config trains on whole images: drop query='region'"
+            )
+        budget = self.region_budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+            raise ValueError(
+                f"strategies {boxes} query boxes: set region_budget, the boxes bought per "
+                f"round (> 0), got {budget!r}"
+            )
+        unknown = set(self.partial) - {"context", "min_visible", "min_size"}
+        if unknown:
+            raise ValueError(
+                f"partial does not take {sorted(unknown)}; it accepts context, min_visible, "
+                "min_size"
+            )
 
     def _check_detector(self) -> None:
         """Exactly one detector: a torchvision ``model`` or an ``mmdet_config`` file."""
@@ -182,6 +231,7 @@ class DetectionSimulation(RoundLoop):
         if cfg.mmdet_cfg is not None:
             _check_mmdet_classes(cfg.mmdet_cfg, list(pool.classes), str(cfg.mmdet_config))
         self.strategies = resolve_strategies(cfg.strategies)
+        self.query_kinds = cfg.query_kinds
         self.select_batch_size = cfg.batch_size
         self._check_softmax_strategies()
 
@@ -218,31 +268,66 @@ class DetectionSimulation(RoundLoop):
         coco = queries_to_coco(queries, self.pool, round_index=r)
         write_coco_queries(Path(self.cfg.queries_dir) / name, coco, overwrite=True)
 
-    def annotation_cost(self, labeled: list[ItemId]) -> float:
-        """Boxes drawn to label ``labeled`` whole (their ground-truth annotations)."""
-        return float(sum(len(self.pool.target(i)["labels"]) for i in labeled))
+    @property
+    def cost_unit(self) -> str:
+        """What the recorded costs count: ``"boxes"`` (drawn) when only whole images are
+        queried and opening one is free, else ``"annotation cost"``."""
+        cost = self.cfg.cost
+        drawn = cost.per_image == 0 and cost.per_box_drawn == 1
+        if drawn and all(kind == "item" for kind in self.query_kinds.values()):
+            return "boxes"
+        return "annotation cost"
+
+    def annotation_cost(self, labeled: Labeled) -> float:
+        """What labeling ``labeled`` cost under ``cfg.cost``: per whole image, opening it and
+        drawing its ground-truth boxes; per partially labeled image, opening it, verifying
+        each queried box and drawing each labeled object no queried box matches."""
+        cost = self.cfg.cost
+        if isinstance(labeled, list):
+            full, partial = labeled, []
+        else:
+            full = sorted(labeled.full, key=str)
+            partial = sorted(set(labeled.boxes) - labeled.full, key=str)
+        total = sum(cost.image_query(len(self.pool.target(i)["labels"])) for i in full)
+        if partial:
+            assert isinstance(labeled, LabelState)
+            oracle = PartialDetectionPool(self.pool, labeled)
+            for item in partial:
+                queried = torch.tensor(labeled.boxes[item], dtype=torch.float32).reshape(-1, 4)
+                objects = self.pool.target(item)["boxes"][oracle.labeled_objects(item)]
+                matched = (box_iou(objects.float(), queried) >= 0.5).any(1)
+                total += cost.box_query(len(queried), new_image=True)
+                total += cost.per_box_drawn * int((~matched).sum())
+        return float(total)
 
     def evaluate(self, adapter: Adapter) -> float:
         """COCO box mAP (pycocotools) on the test split."""
         return coco_map(adapter, self.test, batch_size=self.cfg.batch_size)["mAP"]
 
-    def train(self, strategy: QueryStrategy, labeled: list[ItemId], seed: int, r: int) -> Adapter:
+    def train(self, strategy: QueryStrategy, labeled: Labeled, seed: int, r: int) -> Adapter:
         """A fresh detector trained on ``labeled`` for round ``r`` (the same initialisation
         for every strategy), with a loss predictor or class quality where the strategy
-        reads one."""
-        adapter = (
-            self._train_torchvision(strategy, labeled, seed, r)
-            if self.cfg.mmdet_cfg is None
-            else self._train_mmdet(strategy, labeled, seed, r)
-        )
+        reads one. Partial labels train on whole labeled images and box crops."""
+        if isinstance(labeled, list):
+            pool: Any = self.pool
+            ids = labeled
+        else:
+            pool = PartialDetectionPool(self.pool, labeled, **self.cfg.partial)
+            # the initial images in the order item queries train them (round 0 is the same
+            # model for both kinds), then the crops in pool order
+            first = {item: k for k, item in enumerate(self.initial_labeled(seed))}
+            ids = sorted(pool.ids, key=lambda i: first.get(i, len(first)))
+        if self.cfg.mmdet_cfg is None:
+            adapter: Adapter = self._train_torchvision(strategy, pool, ids, seed, r)
+        else:
+            adapter = self._train_mmdet(strategy, ids, seed, r)
         if "class_quality" in strategy.needs:
-            adapter.class_quality = class_quality(
-                adapter, self.pool, labeled, batch_size=self.cfg.batch_size
-            )
+            size = self.cfg.batch_size
+            adapter.class_quality = class_quality(adapter, pool, ids, batch_size=size)
         return adapter
 
     def _train_torchvision(
-        self, strategy: QueryStrategy, labeled: list[ItemId], seed: int, r: int
+        self, strategy: QueryStrategy, pool: Any, labeled: list[ItemId], seed: int, r: int
     ) -> TorchvisionDetectionAdapter:
         torch.manual_seed(mix_seed(seed, r, 0))
         model_cfg = copy.deepcopy(self.cfg.model)
@@ -253,7 +338,7 @@ class DetectionSimulation(RoundLoop):
             llal = LossPredictionModule(infos, hidden=self.cfg.llal_cfg.hidden)
         g = torch.Generator().manual_seed(mix_seed(seed, r, 2))
         cfg = self.cfg
-        train_detector(adapter, self.pool, labeled, cfg.train_cfg, g, False, llal, cfg.llal_cfg)
+        train_detector(adapter, pool, labeled, cfg.train_cfg, g, False, llal, cfg.llal_cfg)
         return adapter
 
     def _train_mmdet(

@@ -18,11 +18,11 @@ from taskal.data.pool import TensorPool
 from taskal.llal.module import LossPredictionModule
 from taskal.models import build_model
 from taskal.registry import ADAPTERS, build
-from taskal.selector import build_strategy
-from taskal.simulation.rounds import RoundLoop, mix_seed
+from taskal.selector import QUERY_KINDS, Selector, build_strategy
+from taskal.simulation.rounds import Labeled, RoundLoop, mix_seed
 from taskal.strategies.base import QueryStrategy
 from taskal.training import LLALConfig, TrainConfig, accuracy, train_classifier
-from taskal.types import Adapter, ItemId
+from taskal.types import Adapter
 
 SUPPORTED_TASKS = ("cls",)
 
@@ -88,6 +88,7 @@ class SimulationConfig:
                 "lives in your own module, add custom_imports=dict(imports=['your.module'])."
             )
         self.adapter = {**self.adapter, "type": adapter_type}
+        query_kinds(self.strategies, regions=None)  # classification queries whole items
         uses_ensemble = [
             strategy_label(s) for s in self.strategies if _sampling_of(s) == "ensemble"
         ]
@@ -113,9 +114,17 @@ def _dataclass_from(cls: Any, values: dict[str, Any], where: str) -> Any:
     return cls(**values)
 
 
+#: keys of a strategy entry that configure the simulation, not the strategy.
+RUN_KEYS = ("name", "query")
+
+
+def _strategy_cfg(spec: Any) -> Any:
+    """A strategy entry without the keys that configure the run (``name``, ``query``)."""
+    return spec if isinstance(spec, str) else {k: v for k, v in spec.items() if k not in RUN_KEYS}
+
+
 def _sampling_of(spec: Any) -> str:
-    cfg = spec if isinstance(spec, str) else {k: v for k, v in spec.items() if k != "name"}
-    return build_strategy(cfg).sampling
+    return build_strategy(_strategy_cfg(spec)).sampling
 
 
 def strategy_label(cfg: Any) -> str:
@@ -134,12 +143,35 @@ def resolve_strategies(specs: list[Any]) -> list[tuple[str, QueryStrategy]]:
         specs.insert(0, "random")
     built: list[tuple[str, QueryStrategy]] = []
     for spec in specs:
-        cfg = spec if isinstance(spec, str) else {k: v for k, v in spec.items() if k != "name"}
-        built.append((strategy_label(spec), build_strategy(cfg)))
+        built.append((strategy_label(spec), build_strategy(_strategy_cfg(spec))))
     labels = [label for label, _ in built]
     if len(set(labels)) != len(labels):
         raise ValueError(f"strategy labels must be unique, got {labels}; give each a 'name'")
     return built
+
+
+def query_kinds(specs: list[Any], regions: str | None = None) -> dict[str, str]:
+    """Label -> query kind of every strategy entry: ``query="region"`` in a dict entry asks
+    for region queries (``regions`` names the task's regions, ``None``: it has none), any
+    other entry queries whole items. A strategy that cannot rank regions is refused here."""
+    kinds = {}
+    for spec in specs:
+        kind = spec.get("query", "item") if isinstance(spec, dict) else "item"
+        label = strategy_label(spec)
+        if kind not in QUERY_KINDS:
+            raise ValueError(f"strategy {label!r} has query={kind!r}; choose one of {QUERY_KINDS}")
+        if kind == "region":
+            if regions is None:
+                raise ValueError(
+                    f"strategy {label!r} asks for region queries, but this task has no "
+                    "regions; drop query='region'"
+                )
+            try:
+                Selector(_strategy_cfg(spec), query="region")
+            except ValueError as err:
+                raise ValueError(f"strategy {label!r} cannot query {regions}: {err}") from None
+        kinds[label] = kind
+    return kinds
 
 
 class Simulation(RoundLoop):
@@ -162,8 +194,9 @@ class Simulation(RoundLoop):
         """Top-1 accuracy on the test split (of the first member for an ensemble)."""
         return accuracy(_first_member(adapter), self.test_batch)
 
-    def train(self, strategy: QueryStrategy, labeled: list[ItemId], seed: int, r: int) -> Adapter:
+    def train(self, strategy: QueryStrategy, labeled: Labeled, seed: int, r: int) -> Adapter:
         """Train a fresh model (or ensemble) on ``labeled`` for round ``r``."""
+        assert isinstance(labeled, list), "classification queries whole items"
         batch = self.pool.take(labeled)
         members = self.cfg.ensemble_size if strategy.sampling == "ensemble" else 1
         use_llal = "loss_pred" in strategy.needs

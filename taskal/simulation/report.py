@@ -22,18 +22,24 @@ def aulc(labeled: list[int], metric: list[float]) -> float:
 
 
 def curves_by_strategy(results: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
-    """Per strategy: ``labeled`` ``[R]`` and ``metric`` ``[S, R]`` over seeds."""
+    """Per strategy: ``labeled`` ``[R]`` (the mean over seeds), ``labeled_SR`` and ``metric``
+    ``[S, R]`` over seeds, timings, and ``cost`` ``[S, R]`` where every point records one.
+
+    Item queries label the same number of items in every seed; region queries touch a number
+    of items that varies by seed (their curves compare by cost).
+    """
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for run in results["runs"]:
         grouped[run["strategy"]].append(run)
     out = {}
     for name, runs in grouped.items():
-        labeled = [p["labeled"] for p in runs[0]["curve"]]
-        for run in runs:
-            if [p["labeled"] for p in run["curve"]] != labeled:
-                raise ValueError(f"runs of {name!r} have different labeled counts")
+        lengths = {len(r["curve"]) for r in runs}
+        if len(lengths) != 1:
+            raise ValueError(f"runs of {name!r} have different numbers of rounds: {lengths}")
+        labeled = np.asarray([[p["labeled"] for p in r["curve"]] for r in runs])
         out[name] = {
-            "labeled": np.asarray(labeled),
+            "labeled": labeled.mean(0),
+            "labeled_SR": labeled,
             "metric": np.asarray([[p["metric"] for p in r["curve"]] for r in runs]),
             "select_seconds": np.asarray([[p["select_seconds"] for p in r["curve"]] for r in runs]),
             "train_seconds": np.asarray([[p["train_seconds"] for p in r["curve"]] for r in runs]),
@@ -45,9 +51,10 @@ def curves_by_strategy(results: dict[str, Any]) -> dict[str, dict[str, np.ndarra
 
 
 def labels_to_reach(labeled: np.ndarray, mean_metric: np.ndarray, target: float) -> int | None:
-    """The first labeled count whose mean metric reaches ``target``; ``None`` if never."""
+    """The first labeled count (rounded mean over seeds) whose mean metric reaches
+    ``target``; ``None`` if never."""
     hits = np.nonzero(mean_metric >= target - 1e-12)[0]
-    return int(labeled[hits[0]]) if len(hits) else None
+    return round(float(labeled[hits[0]])) if len(hits) else None
 
 
 def summarize(results: dict[str, Any], baseline: str = "random") -> list[dict[str, Any]]:
@@ -58,13 +65,16 @@ def summarize(results: dict[str, Any], baseline: str = "random") -> list[dict[st
     if baseline not in curves:
         raise ValueError(f"results hold no {baseline!r} runs to compare against")
     base_final = float(curves[baseline]["metric"][:, -1].mean())
+    base = curves[baseline]
     base_aulcs = {
-        int(s): aulc(list(curves[baseline]["labeled"]), list(m))
-        for s, m in zip(curves[baseline]["seeds"], curves[baseline]["metric"], strict=True)
+        int(s): aulc(list(x), list(m))
+        for s, x, m in zip(base["seeds"], base["labeled_SR"], base["metric"], strict=True)
     }
     rows: list[dict[str, Any]] = []
     for name, c in curves.items():
-        aulcs = np.asarray([aulc(list(c["labeled"]), list(m)) for m in c["metric"]])
+        aulcs = np.asarray(
+            [aulc(list(x), list(m)) for x, m in zip(c["labeled_SR"], c["metric"], strict=True)]
+        )
         paired = [
             a - base_aulcs[int(s)]
             for s, a in zip(c["seeds"], aulcs, strict=True)
@@ -132,25 +142,31 @@ def format_table(
 
 
 def plot_curves(results: dict[str, Any], path: Path, baseline: str = "random") -> None:
-    """Learning curves: mean over seeds with a ±1 std band; the baseline dashed."""
+    """Learning curves: mean over seeds with a ±1 std band; the baseline dashed. With
+    recorded annotation costs, a second panel plots the same curves against the mean cost."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     curves = curves_by_strategy(results)
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    by_cost = all("cost" in c for c in curves.values())
+    fig, axes = plt.subplots(1, 2 if by_cost else 1, figsize=(14 if by_cost else 8, 5), dpi=120)
+    axes = list(axes) if by_cost else [axes]
     for name, c in curves.items():
         mean, std = c["metric"].mean(0), c["metric"].std(0)
         style = {"linestyle": "--", "color": "black", "linewidth": 2} if name == baseline else {}
-        (line,) = ax.plot(c["labeled"], mean, marker="o", markersize=3, label=name, **style)
-        ax.fill_between(c["labeled"], mean - std, mean + std, alpha=0.1, color=line.get_color())
+        xs = [c["labeled"], c["cost"].mean(0)] if by_cost else [c["labeled"]]
+        for ax, x in zip(axes, xs, strict=True):
+            (line,) = ax.plot(x, mean, marker="o", markersize=3, label=name, **style)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.1, color=line.get_color())
     n_seeds = max(len(c["seeds"]) for c in curves.values())
-    ax.set_xlabel("labeled items")
-    ax.set_ylabel(results["metric"])
-    ax.set_title(f"{results['task']}: mean ± std over {n_seeds} seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    for ax, label in zip(axes, ["labeled items", "annotation cost"], strict=False):
+        ax.set_xlabel(label)
+        ax.set_ylabel(results["metric"])
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"{results['task']}: mean ± std over {n_seeds} seeds")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -4,20 +4,31 @@ Every (strategy, seed) run starts from the same seed-dependent initial labeled s
 its models start from the same seed-dependent initialisation each round, so curves differ
 only by what the strategies select. A task's simulation provides :meth:`RoundLoop.train`
 and :meth:`RoundLoop.evaluate`.
+
+A strategy runs with item queries (whole items, ``budget`` items per round) or, where the
+task has regions (boxes, superpixels, patches), with region queries: ``region_budget``
+annotation cost per round (the adapter's ``cost_U`` summed), answered by the oracle region
+by region, so the model trains on partially labeled items (:class:`~taskal.queries.LabelState`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from taskal.queries import Query
+from taskal.queries import LabelState, Query
 from taskal.selector import Selector
 from taskal.strategies.base import QueryStrategy
 from taskal.types import Adapter, ItemId
+
+#: What a round trains on: the labeled items in labeling order (item queries), or full and
+#: partial labels (region queries).
+Labeled = list[ItemId] | LabelState
 
 
 def mix_seed(*parts: int) -> int:
@@ -32,13 +43,17 @@ class RoundLoop:
     """Run ``cfg.rounds`` rounds of every (strategy, seed) over ``pool``.
 
     Subclasses set ``cfg`` (with ``initial``, ``budget``, ``rounds``, ``seeds``,
-    ``progress``), ``pool`` (with ``ids`` and ``batches``), ``strategies`` (label, strategy
-    pairs) and ``select_batch_size``, and implement :meth:`train` and :meth:`evaluate`.
+    ``progress``, and ``region_budget`` when a strategy queries regions), ``pool`` (with
+    ``ids`` and ``batches``), ``strategies`` (label, strategy pairs), ``query_kinds``
+    (label -> ``"item"`` or ``"region"``; missing labels query items) and
+    ``select_batch_size``, and implement :meth:`train` and :meth:`evaluate` (both taking a
+    :class:`~taskal.queries.LabelState` for region-query runs).
     """
 
     cfg: Any
     pool: Any
     strategies: list[tuple[str, QueryStrategy]]
+    query_kinds: Mapping[str, str] = MappingProxyType({})
     select_batch_size: int = 256
     desc: str = "simulate"
 
@@ -53,7 +68,7 @@ class RoundLoop:
                 "budget"
             )
 
-    def train(self, strategy: QueryStrategy, labeled: list[ItemId], seed: int, r: int) -> Adapter:
+    def train(self, strategy: QueryStrategy, labeled: Labeled, seed: int, r: int) -> Adapter:
         """A fresh model trained on ``labeled`` for round ``r``."""
         raise NotImplementedError
 
@@ -61,7 +76,7 @@ class RoundLoop:
         """The curve's metric on the held-out split."""
         raise NotImplementedError
 
-    def annotation_cost(self, labeled: list[ItemId]) -> float | None:
+    def annotation_cost(self, labeled: Labeled) -> float | None:
         """What labeling ``labeled`` cost (recorded as the curve's ``cost``); ``None`` when
         the task counts labels only."""
         return None
@@ -90,30 +105,39 @@ class RoundLoop:
         self, strategy: QueryStrategy, seed: int, bar: Any = None, label: str = ""
     ) -> list[dict[str, Any]]:
         cfg = self.cfg
+        query = self.query_kinds.get(label, "item")
         labeled = self.initial_labeled(seed)
-        selector = Selector(strategy, batch_size=self.select_batch_size, progress=False)
+        # region queries: full labels of the initial items, then regions answered per round
+        state = LabelState(full=set(labeled)) if query == "region" else None
+        budget = cfg.budget if state is None else cfg.region_budget
+        selector = Selector(strategy, self.select_batch_size, progress=False, query=query)
         curve = []
         for r in range(cfg.rounds + 1):
+            current: Labeled = list(labeled) if state is None else state.copy()
             t0 = time.perf_counter()
-            adapter = self.train(strategy, labeled, seed, r)
+            adapter = self.train(strategy, current, seed, r)
             train_seconds = time.perf_counter() - t0
             metric = self.evaluate(adapter)
             select_seconds = 0.0
-            n_labeled = len(labeled)
             if r < cfg.rounds:
                 t1 = time.perf_counter()
                 g = torch.Generator().manual_seed(mix_seed(seed, r, 1))
-                queries = selector.select(adapter, self.pool, labeled, cfg.budget, g)
+                queries = selector.select(adapter, self.pool, current, budget, g)
                 select_seconds = time.perf_counter() - t1
                 self.record_queries(label or type(strategy).__name__, seed, r, queries)
-                labeled = labeled + [q.item for q in queries]
-            point = {
-                "labeled": n_labeled,
+                if state is None:
+                    labeled = labeled + [q.item for q in queries]
+                else:
+                    state.add(queries)
+            point: dict[str, Any] = {
+                "labeled": len(current) if isinstance(current, list) else len(current.items()),
                 "metric": metric,
                 "select_seconds": select_seconds,
                 "train_seconds": train_seconds,
             }
-            if (cost := self.annotation_cost(labeled[:n_labeled])) is not None:
+            if isinstance(current, LabelState):
+                point["regions"] = sum(len(v) for v in current.partial.values())
+            if (cost := self.annotation_cost(current)) is not None:
                 point["cost"] = cost
             curve.append(point)
             if bar is not None:

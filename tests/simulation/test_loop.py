@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from taskal.data import load_digits, split_pool
-from taskal.simulation import Simulation, SimulationConfig, aulc, summarize
+from taskal.simulation import Simulation, SimulationConfig, aulc, plot_curves, summarize
 
 FAST = {"epochs": 2, "min_epoch_items": 64}
 
@@ -218,3 +219,35 @@ def test_llal_training_detaches_after_the_fraction(data, monkeypatch) -> None:  
     sim.train(sim.strategies[1][1], pool.ids[:16], seed=0, r=0)
     # one step per epoch: detached from epoch 3 of 5 on (60 %)
     assert flags == [False, False, False, True, True]
+
+
+def test_region_runs_touch_different_item_counts_per_seed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Region queries touch a seed-dependent number of items: each seed's AULC uses its own
+    x, the table reads the mean, costs go in the second panel of the plot."""
+
+    def run(name: str, seed: int, labeled: list[int], metrics: list[float]) -> dict:  # type: ignore[type-arg]
+        curve = [
+            {"labeled": n, "metric": m, "cost": 5.0 * i, "select_seconds": 0, "train_seconds": 0}
+            for i, (n, m) in enumerate(zip(labeled, metrics, strict=True))
+        ]
+        return {"strategy": name, "seed": seed, "curve": curve}
+
+    results = {
+        "task": "det",
+        "metric": "mAP",
+        "runs": [
+            run("random", 0, [10, 20, 30], [0.1, 0.2, 0.3]),
+            run("boxes", 0, [10, 14, 20], [0.1, 0.3, 0.3]),
+            run("boxes", 1, [10, 16, 26], [0.1, 0.3, 0.3]),
+        ],
+    }
+    rows = {r["strategy"]: r for r in summarize(results)}
+    assert rows["boxes"]["labels_to_baseline_final"] == 15  # mean of 14 and 16
+    assert rows["boxes"]["cost_to_baseline_final"] == 5.0
+    want = np.mean([aulc([10, 14, 20], [0.1, 0.3, 0.3]), aulc([10, 16, 26], [0.1, 0.3, 0.3])])
+    assert rows["boxes"]["aulc_mean"] == pytest.approx(want)
+    plot_curves(results, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    results["runs"][2]["curve"].pop()
+    with pytest.raises(ValueError, match="different numbers of rounds"):
+        summarize(results)
