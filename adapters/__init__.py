@@ -4,10 +4,12 @@ from taskal.adapters.classification import ClassificationAdapter
 from taskal.adapters.ensemble import EnsembleAdapter
 from taskal.adapters.mmdet_detection import MMDetAdapter
 from taskal.adapters.torchvision_detection import TorchvisionDetectionAdapter
+from taskal.adapters.torchvision_segmentation import TorchvisionSegmentationAdapter
 
 __all__ = [
     "ClassificationAdapter",
     "EnsembleAdapter",
     "MMDetAdapter",
     "TorchvisionDetectionAdapter",
+    "TorchvisionSegmentationAdapter",
 ]

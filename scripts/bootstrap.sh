@@ -48,7 +48,7 @@ log "torch $TORCH + torchvision $TORCHVISION"
 "${pip[@]}" install "torch==$TORCH" "torchvision==$TORCHVISION"
 
 log "mmengine and the scientific stack"
-"${pip[@]}" install "mmengine==$MMENGINE" "numpy>=2" scikit-learn scikit-image matplotlib \
+"${pip[@]}" install "mmengine==$MMENGINE" "numpy>=2" scikit-learn scikit-image nibabel matplotlib \
   pycocotools ftfy regex tqdm scipy shapely terminaltables prettytable \
   pytest hypothesis ruff mypy
 

@@ -1,0 +1,178 @@
+"""What the segmentation adapters share: pixel units, their regions, and padded batches.
+
+A unit is a pixel of an image at its own size: ``unit_U = row * W + col`` for an image of
+width ``W``. Its region is a square patch or a SLIC superpixel of the image
+(:class:`PixelRegions`), so region queries ask for a patch or a superpixel; its cost is one
+labeled pixel (``cost="pixels"``) or ``1 / region size`` (``cost="clicks"``: a region costs
+one click, the annotator gives it one class).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from taskal.types import Predictions, Units
+
+REGION_KINDS = ("patch", "superpixel")
+COST_KINDS = ("pixels", "clicks")
+
+
+@dataclass(frozen=True)
+class PixelRegions:
+    """How the pixels of an image group into the regions that region queries ask for.
+
+    Attributes:
+        kind: ``"patch"`` (squares of ``patch`` pixels, the last row and column cut by the
+            image's border) or ``"superpixel"`` (SLIC from scikit-image on the image itself,
+            so the same image always gets the same regions).
+        patch: side of a square patch in pixels.
+        n_segments: about how many superpixels SLIC makes per image.
+        compactness: SLIC's balance of colour against space (higher: squarer regions).
+        cost: ``"pixels"`` (a region costs its pixel count: budgets in labeled pixels) or
+            ``"clicks"`` (a region costs 1: the annotator gives it one class).
+    """
+
+    kind: str = "patch"
+    patch: int = 16
+    n_segments: int = 64
+    compactness: float = 10.0
+    cost: str = "pixels"
+
+    def __post_init__(self) -> None:
+        if self.kind not in REGION_KINDS:
+            raise ValueError(f"regions kind must be one of {REGION_KINDS}, got {self.kind!r}")
+        if self.cost not in COST_KINDS:
+            raise ValueError(f"regions cost must be one of {COST_KINDS}, got {self.cost!r}")
+        if self.patch < 1 or self.n_segments < 1 or not self.compactness > 0:
+            raise ValueError(
+                "regions need patch >= 1, n_segments >= 1 and compactness > 0, got "
+                f"patch={self.patch}, n_segments={self.n_segments}, "
+                f"compactness={self.compactness}"
+            )
+
+    @classmethod
+    def of(cls, spec: PixelRegions | Mapping[str, Any] | None) -> PixelRegions:
+        """A ``PixelRegions`` from itself, a dict of its fields, or ``None`` (defaults)."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, PixelRegions):
+            return spec
+        unknown = sorted(set(spec) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"regions does not take {unknown}; it accepts {list(cls.__dataclass_fields__)}"
+            )
+        return cls(**dict(spec))
+
+    def region_map(self, image: Tensor) -> Tensor:
+        """``[H, W]`` long region ids ``0..R-1`` of a ``[C, H, W]`` image (``[0, 1]``)."""
+        h, w = int(image.shape[-2]), int(image.shape[-1])
+        if self.kind == "patch":
+            rows = torch.arange(h) // self.patch
+            cols = torch.arange(w) // self.patch
+            return rows[:, None] * (-(-w // self.patch)) + cols[None, :]
+        from skimage.segmentation import slic
+
+        pixels = image.detach().float().cpu().permute(1, 2, 0).numpy().astype(np.float64)
+        labels = slic(
+            pixels,
+            n_segments=self.n_segments,
+            compactness=self.compactness,
+            start_label=0,
+            channel_axis=-1,
+            enforce_connectivity=True,
+        )
+        _, dense = np.unique(labels, return_inverse=True)  # consecutive ids 0..R-1
+        return torch.from_numpy(dense.reshape(h, w).astype(np.int64))
+
+
+def check_pixel_units(units: Units, sizes: Sequence[tuple[int, int]]) -> Units:
+    """``units`` on the CPU after checking they name pixels of images of ``sizes``."""
+    owner, unit = units.owner_U.long().cpu(), units.unit_U.long().cpu()
+    counts = torch.tensor([h * w for h, w in sizes])
+    if len(owner) and (
+        int(owner.min()) < 0
+        or int(owner.max()) >= len(sizes)
+        or bool((unit < 0).any())
+        or bool((unit >= counts[owner]).any())
+    ):
+        raise ValueError(
+            "units name pixels that this batch does not have; pass the units of a prediction "
+            "on this batch"
+        )
+    return Units(owner, unit)
+
+
+def pad_images(images: Sequence[Tensor], divisor: int = 1) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Images padded bottom-right with zeros into one ``[B, C, H, W]`` tensor (sides a
+    multiple of ``divisor``), and every image's own ``(h, w)``.
+
+    Raises:
+        ValueError: an image that is not a ``[C, H, W]`` float tensor, or channels that differ.
+    """
+    if not len(images):
+        raise ValueError("an empty batch has no images to pad")
+    for x in images:
+        if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"segmentation adapters take [C, H, W] float images, got {shape}")
+    if len({int(x.shape[0]) for x in images}) > 1:
+        raise ValueError("the images of a batch must have the same number of channels")
+    sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in images]
+    hp = -(-max(h for h, _ in sizes) // divisor) * divisor
+    wp = -(-max(w for _, w in sizes) // divisor) * divisor
+    out = images[0].new_zeros(len(images), images[0].shape[0], hp, wp)
+    for i, x in enumerate(images):
+        out[i, :, : x.shape[-2], : x.shape[-1]] = x
+    return out, sizes
+
+
+def pixel_predictions(
+    probs_BCHWK: Tensor,
+    sizes: Sequence[tuple[int, int]],
+    units: Units | None,
+    region_maps: Sequence[Tensor],
+    cost: str,
+) -> Predictions:
+    """Per-pixel :class:`Predictions` of a padded batch of probability maps.
+
+    Args:
+        probs_BCHWK: softmax probabilities of the padded batch, ``K`` samples last.
+        sizes: every image's own ``(h, w)``; pixels of the padding are no units.
+        units: the pixels to return (``None``: every pixel of every image, row-major).
+        region_maps: every image's ``[h, w]`` region ids (:meth:`PixelRegions.region_map`).
+        cost: ``"pixels"`` or ``"clicks"`` (see :class:`PixelRegions`).
+    """
+    counts = torch.tensor([h * w for h, w in sizes])
+    flat = torch.cat(
+        [probs_BCHWK[i, :, :h, :w].flatten(1, 2).movedim(1, 0) for i, (h, w) in enumerate(sizes)]
+    )  # [sum h*w, C, K]
+    regions = torch.cat([m.flatten() for m in region_maps]).to(flat.device)
+    device = flat.device
+    if cost == "clicks":  # each pixel carries 1 / (its region's size): a region costs 1
+        per_pixel = [(1.0 / torch.bincount(m.flatten()).double())[m.flatten()] for m in region_maps]
+        cost_all = torch.cat(per_pixel).float().to(device)
+    else:
+        cost_all = torch.ones(len(flat), device=device)
+    if units is None:
+        owner = torch.repeat_interleave(torch.arange(len(sizes)), counts)
+        units = Units(owner, torch.cat([torch.arange(int(n)) for n in counts]))
+        probs, region_U, cost_U = flat, regions, cost_all
+    else:
+        starts = torch.cumsum(counts, 0) - counts
+        rows = (starts[units.owner_U.cpu()] + units.unit_U.cpu()).to(device)
+        probs, region_U, cost_U = flat[rows], regions[rows], cost_all[rows]
+    return Predictions(
+        probs,
+        units.owner_U.to(device),
+        "softmax",
+        unit_U=units.unit_U.to(device),
+        region_U=region_U,
+        cost_U=cost_U,
+    )
