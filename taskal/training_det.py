@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -37,7 +37,8 @@ class DetectionPool(Protocol):
 
 @dataclass
 class DetTrainConfig:
-    """How a torchvision detector is trained on the labeled images each round.
+    """How a torchvision detector is trained on the labeled images each round (the same
+    SGD recipe trains torchvision segmenters, :class:`~taskal.training_seg.SegTrainConfig`).
 
     Attributes:
         epochs: passes over the (resampled) labeled set.
@@ -63,25 +64,27 @@ class DetTrainConfig:
     min_epoch_items: int = 64
     max_grad_norm: float | None = None
 
+    #: the config block named in error messages.
+    where: ClassVar[str] = "det_train"
+
     def __post_init__(self) -> None:
+        w = self.where
         if self.epochs < 1:
-            raise ValueError(f"det_train.epochs must be >= 1, got {self.epochs}")
+            raise ValueError(f"{w}.epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
-            raise ValueError(f"det_train.batch_size must be >= 1, got {self.batch_size}")
+            raise ValueError(f"{w}.batch_size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"det_train.lr must be a finite number > 0, got {self.lr}")
+            raise ValueError(f"{w}.lr must be a finite number > 0, got {self.lr}")
         if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"det_train.momentum must lie in [0, 1), got {self.momentum}")
+            raise ValueError(f"{w}.momentum must lie in [0, 1), got {self.momentum}")
         if not self.weight_decay >= 0:
-            raise ValueError(f"det_train.weight_decay must be >= 0, got {self.weight_decay}")
+            raise ValueError(f"{w}.weight_decay must be >= 0, got {self.weight_decay}")
         if self.warmup_iters < 0:
-            raise ValueError(f"det_train.warmup_iters must be >= 0, got {self.warmup_iters}")
+            raise ValueError(f"{w}.warmup_iters must be >= 0, got {self.warmup_iters}")
         if self.min_epoch_items < 0:
-            raise ValueError(f"det_train.min_epoch_items must be >= 0, got {self.min_epoch_items}")
+            raise ValueError(f"{w}.min_epoch_items must be >= 0, got {self.min_epoch_items}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(
-                f"det_train.max_grad_norm must be > 0 or None, got {self.max_grad_norm}"
-            )
+            raise ValueError(f"{w}.max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
 
 
 def train_detector(
@@ -131,7 +134,7 @@ def train_detector(
         params += list(llal.parameters())
     stop_epoch = llal_cfg.stop_grad_epoch(cfg.epochs)
     optim = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: _warmup(step, cfg))
+    warmup = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: warmup_factor(step, cfg))
     n = len(ids)
     per_epoch = max(n, cfg.min_epoch_items)
     stats: dict[str, float] = {}
@@ -183,7 +186,7 @@ def check_labeled_ids(
     return ids
 
 
-def _warmup(step: int, cfg: DetTrainConfig) -> float:
+def warmup_factor(step: int, cfg: DetTrainConfig) -> float:
     """The lr multiplier at ``step``: linear from ``WARMUP_FACTOR`` to 1 over the warm-up."""
     if step >= cfg.warmup_iters:
         return 1.0
@@ -206,7 +209,7 @@ def _step(
     loss_dict: dict[str, Tensor] = adapter.model(images, targets)
     loss = torch.stack([v.float() for v in loss_dict.values()]).sum()
     _check_finite(loss, loss_dict, batch, epoch, optim)
-    _backward_step(loss, optim, cfg)
+    backward_step(loss, optim, cfg)
     out = {k: float(v.detach()) for k, v in loss_dict.items()}
     out["loss"] = float(loss.detach())
     return out
@@ -240,7 +243,7 @@ def _llal_step(
     _check_finite(loss, loss_dict, batch, epoch, optim)
     target_B = adapter.per_sample_loss(batch)
     rank = loss_ranking_loss(llal(feats, detach=detach), target_B, llal_cfg.margin)
-    _backward_step(loss + llal_cfg.weight * rank, optim, cfg)
+    backward_step(loss + llal_cfg.weight * rank, optim, cfg)
     out = {k: float(v.detach()) for k, v in loss_dict.items()}
     return {**out, "loss": float(loss.detach()), "llal_loss": float(rank.detach())}
 
@@ -258,7 +261,7 @@ def _check_finite(
         )
 
 
-def _backward_step(loss: Tensor, optim: torch.optim.Optimizer, cfg: DetTrainConfig) -> None:
+def backward_step(loss: Tensor, optim: torch.optim.Optimizer, cfg: DetTrainConfig) -> None:
     optim.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.max_grad_norm is not None:
@@ -288,4 +291,10 @@ def _check_labels(
             )
 
 
-__all__ = ["DetTrainConfig", "check_labeled_ids", "train_detector"]
+__all__ = [
+    "DetTrainConfig",
+    "backward_step",
+    "check_labeled_ids",
+    "train_detector",
+    "warmup_factor",
+]

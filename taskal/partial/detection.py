@@ -155,7 +155,7 @@ class PartialDetectionPool:
     and ``batches``. Fully labeled items keep their id and their image; the ``j``-th queried
     box of a partially labeled item (``state.boxes[item][j]``) is the crop
     ``f"{item}#r{j}"`` (region indices of box queries change between rounds, positions in
-    ``state.boxes`` do not). Targets follow the rule in :mod:`taskal.partial`: a crop's
+    ``state.boxes`` do not). Targets follow the rule in :mod:`taskal.partial.detection`: a crop's
     targets are the labeled objects (boxes overlapping a queried box) with at least
     ``min_visible`` of their area inside it, and every pixel that might show an object
     without a target is filled with the crop's mean colour.

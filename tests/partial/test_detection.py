@@ -15,7 +15,7 @@ from taskal.queries import LabelState, Query
 from taskal.training_det import DetTrainConfig, train_detector
 from taskal.types import ItemId
 
-from .adapters.test_torchvision_detection import faster_rcnn
+from ..adapters.test_torchvision_detection import faster_rcnn
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*has no dropout with p > 0")
 

@@ -1,0 +1,83 @@
+"""Training a torchvision segmenter from full and partial labels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from taskal.adapters import TorchvisionSegmentationAdapter
+from taskal.segmenters import small_segmenter
+from taskal.training_seg import SegTrainConfig, _ce, train_segmenter
+from taskal.types import Batch, ItemId
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*has no dropout with p > 0")
+
+
+class Stripes:
+    """Images whose left half is dark (class 1) and right half bright (class 2)."""
+
+    def __init__(self, n: int = 6, unlabeled_right: bool = False) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids: list[ItemId] = [f"{i}.png" for i in range(n)]
+        self.images, self.masks = {}, {}
+        for i in self.ids:
+            x = 0.1 * torch.rand(3, 16, 16, generator=g)
+            x[:, :, 8:] += 0.8
+            m = torch.ones(16, 16, dtype=torch.long)
+            m[:, 8:] = 255 if unlabeled_right else 2
+            self.images[i], self.masks[i] = x, m
+
+    def take(self, ids: Sequence[ItemId]) -> Batch:
+        samples = [{"gt_sem_seg": self.masks[i].clone()} for i in ids]
+        return Batch([self.images[i] for i in ids], list(ids), data_samples=samples)
+
+
+def _adapter() -> TorchvisionSegmentationAdapter:
+    torch.manual_seed(0)
+    return TorchvisionSegmentationAdapter(small_segmenter(3, width=4))
+
+
+CFG = SegTrainConfig(epochs=3, batch_size=3, lr=0.05, min_epoch_items=12, warmup_iters=2)
+
+
+def test_learns_stripes_and_is_reproducible() -> None:
+    pool = Stripes()
+    adapter = _adapter()
+    before = float(adapter.per_sample_loss(pool.take(pool.ids)).mean())
+    stats = train_segmenter(adapter, pool, pool.ids, CFG, torch.Generator().manual_seed(0))
+    after = float(adapter.per_sample_loss(pool.take(pool.ids)).mean())
+    assert after < 0.5 * before and stats["loss"] > 0 and not adapter.model.training
+    again = _adapter()
+    train_segmenter(again, pool, pool.ids, CFG, torch.Generator().manual_seed(0))
+    for a, b in zip(adapter.model.parameters(), again.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_unlabeled_pixels_give_no_gradient_and_no_loss() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 5, 6, generator=g, requires_grad=True)
+    target = torch.randint(0, 3, (2, 5, 6), generator=g)
+    target[0, :, :3] = 255
+    target[1] = 255  # an image with no labeled pixel
+    loss = _ce(logits, target)
+    loss.backward()
+    assert logits.grad is not None
+    assert (logits.grad.permute(0, 2, 3, 1)[target == 255] == 0).all()
+    assert (logits.grad.permute(0, 2, 3, 1)[target != 255] != 0).any()
+    keep = target != 255
+    want = F.cross_entropy(logits.detach().permute(0, 2, 3, 1)[keep], target[keep])
+    assert torch.allclose(loss.detach(), want)
+    none = torch.full_like(target, 255)
+    assert _ce(logits, none) == 0.0
+
+
+def test_refuses_labels_outside_the_classes() -> None:
+    pool = Stripes()
+    pool.masks["0.png"][0, 0] = 7
+    with pytest.raises(ValueError, match=r"labels \[7\] outside the model's 3 classes"):
+        train_segmenter(_adapter(), pool, pool.ids, CFG, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"seg_train\.epochs"):
+        SegTrainConfig(epochs=0)
