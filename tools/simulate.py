@@ -4,10 +4,13 @@
     python tools/simulate.py --strategies entropy badge --num-seeds 2 --rounds 3
     python tools/simulate.py --dataset path/to/images --config configs/cls/image_folder_resnet18.py
     python tools/simulate.py --config configs/det/synthetic_faster_rcnn.py   # detection, COCO mAP
+    python tools/simulate.py --task seg      # synthetic medical segmentation, mIoU vs pixels
 
 Writes ``results.json``, ``learning_curve.png``, ``summary.md`` and the resolved
 ``config.py`` into the output directory (a new timestamped one by default); detection also
-writes every round's queries as COCO json into ``queries/``.
+writes every round's queries as COCO json into ``queries/``; segmentation with
+``al.reference=True`` adds the full-supervision mIoU and each strategy's fraction of it at
+5 % and 10 % of the pool's pixels to the summary.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = {
     "cls": ROOT / "configs" / "cls" / "digits_smallcnn.py",
     "det": ROOT / "configs" / "det" / "synthetic_faster_rcnn.py",
+    "seg": ROOT / "configs" / "seg" / "synthetic_medical_fcn.py",
 }
 
 
@@ -36,7 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--task",
         choices=sorted(DEFAULT_CONFIGS),
-        help="cls (digits) or det (synthetic shapes, COCO mAP); default: the config's, else cls",
+        help="cls (digits), det (synthetic shapes, COCO mAP) or seg (synthetic medical, mIoU); "
+        "default: the config's, else cls",
     )
     p.add_argument("--dataset", help="'digits' or the root of an ImageFolder-layout directory")
     p.add_argument("--image-size", type=int, help="resize images of an image folder to this size")
@@ -114,8 +119,6 @@ def prepare_output(args: argparse.Namespace) -> Path:
 
 def build_detection_split(cfg: Any) -> tuple[Any, Any]:
     """Pool and test split of a detection config's ``dataset`` (synthetic or COCO files)."""
-    import torch
-
     from taskal.data import ensure_synthetic_detection, load_coco_detection
 
     spec = dict(cfg.dataset)
@@ -131,6 +134,13 @@ def build_detection_split(cfg: Any) -> tuple[Any, Any]:
             f"a det config's dataset.type must be 'synthetic_detection' or 'coco' (with "
             f"ann_file and img_dir), got {kind!r}"
         )
+    return _split(data, cfg)
+
+
+def _split(data: Any, cfg: Any) -> tuple[Any, Any]:
+    """A fixed pool / test split of ``data`` (``test_fraction`` of it for testing, seed 0)."""
+    import torch
+
     fraction = float(cfg.get("test_fraction", 0.2))
     n_test = round(fraction * len(data.ids))
     if not 0 < n_test < len(data.ids):
@@ -139,6 +149,28 @@ def build_detection_split(cfg: Any) -> tuple[Any, Any]:
     test_ids = sorted(data.ids[i] for i in order[:n_test])
     pool_ids = sorted(data.ids[i] for i in order[n_test:])
     return data.subset(pool_ids), data.subset(test_ids)
+
+
+def build_segmentation_split(cfg: Any) -> tuple[Any, Any]:
+    """Pool and test split of a seg config's ``dataset``: the synthetic medical set (written
+    on first use) or an image / mask folder pair (``img_dir``, ``ann_dir``, ``classes``)."""
+    from taskal.data import ensure_synthetic_segmentation, load_segmentation_folder
+
+    spec = dict(cfg.dataset)
+    kind = spec.pop("type", None)
+    if kind == "synthetic_segmentation":
+        root = Path(spec.pop("root", "work_dirs/data/synthetic_medical"))
+        files = ensure_synthetic_segmentation(root if root.is_absolute() else ROOT / root, **spec)
+        classes = json.loads(files.meta_file.read_text())["classes"]
+        data = load_segmentation_folder(files.img_dir, files.ann_dir, classes)
+    elif kind == "segmentation_folder":
+        data = load_segmentation_folder(**spec)
+    else:
+        raise SystemExit(
+            "a seg config's dataset.type must be 'synthetic_segmentation' or "
+            f"'segmentation_folder' (with img_dir, ann_dir and classes), got {kind!r}"
+        )
+    return _split(data, cfg)
 
 
 def detector_fields(cfg: Any) -> dict[str, Any]:
@@ -166,6 +198,8 @@ def build_simulation(cfg: Any, progress: bool) -> tuple[Any, Any, Any, str]:
     from taskal.simulation import (
         DetectionSimulation,
         DetSimulationConfig,
+        SegmentationSimulation,
+        SegSimulationConfig,
         Simulation,
         SimulationConfig,
     )
@@ -183,6 +217,19 @@ def build_simulation(cfg: Any, progress: bool) -> tuple[Any, Any, Any, str]:
         )
         pool, test = build_detection_split(cfg)
         return DetectionSimulation(det_cfg, pool, test), pool, test, "mAP"
+    if task == "seg":
+        seg_cfg = SegSimulationConfig(
+            model=dict(cfg.model),
+            adapter=dict(cfg.get("adapter", {})),
+            train=dict(cfg.get("train", {})),
+            llal=dict(cfg.get("llal", {})),
+            batch_size=cfg.get("batch_size", 8),
+            device=cfg.get("device", "cpu"),
+            progress=progress,
+            **{k: v for k, v in cfg.al.items()},
+        )
+        pool, test = build_segmentation_split(cfg)
+        return SegmentationSimulation(seg_cfg, pool, test), pool, test, "mIoU"
     sim_cfg = SimulationConfig(
         task=task,
         model=dict(cfg.model),
@@ -205,7 +252,7 @@ def _shown(path: str) -> str:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     from taskal.registry import import_custom_modules
-    from taskal.simulation import format_table, plot_curves, summarize
+    from taskal.simulation import format_reference_table, format_table, plot_curves, summarize
 
     cfg = load_config(args)
     import_custom_modules(cfg)
@@ -225,9 +272,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "metric": metric,
         "runs": sim.run(),
     }
+    if getattr(sim.cfg, "reference", False):  # segmentation: full supervision per seed
+        results["reference"] = sim.reference_runs()
+        results["pool_cost"] = sim.total_pixels
     (out / "results.json").write_text(json.dumps(results, indent=1))
     rows = summarize(results)
     table = format_table(rows, results["metric"], cost=getattr(sim, "cost_unit", None))
+    if "reference" in results:
+        table += "\n" + format_reference_table(results, results["pool_cost"])
     plot_curves(results, out / "learning_curve.png")
     elapsed = time.perf_counter() - started
     (out / "summary.md").write_text(

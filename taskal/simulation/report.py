@@ -141,6 +141,43 @@ def format_table(
     return head + "\n".join(lines) + "\n"
 
 
+def fraction_of_reference(
+    c: dict[str, np.ndarray], reference: float, at_cost: float
+) -> float | None:
+    """A strategy's mean metric at annotation cost ``at_cost`` (linear between rounds, on
+    the mean cost over seeds) as a fraction of ``reference`` (e.g. full supervision);
+    ``None`` without costs or when ``at_cost`` lies outside the curve."""
+    if "cost" not in c or not reference > 0:
+        return None
+    x, y = c["cost"].mean(0), c["metric"].mean(0)
+    if not x[0] - 1e-9 <= at_cost <= x[-1] + 1e-9:
+        return None
+    return float(np.interp(at_cost, x, y) / reference)
+
+
+def format_reference_table(
+    results: dict[str, Any], total_cost: float, fractions: tuple[float, ...] = (0.05, 0.1)
+) -> str:
+    """A Markdown table: per strategy, its metric at each fraction of ``total_cost`` (the
+    whole pool's annotation cost) over the mean of ``results["reference"]`` runs (a model
+    trained on the whole pool)."""
+    metric = results["metric"]
+    reference = float(np.mean([r[metric] for r in results["reference"]]))
+    heads = " | ".join(f"at {f:.0%} of the pool" for f in fractions)
+    lines = [
+        f"Full supervision (whole pool, mean over seeds): {metric} {reference:.4f}.\n",
+        f"| strategy | {heads} |",
+        "|---|" + "---|" * len(fractions),
+    ]
+    for name, c in curves_by_strategy(results).items():
+        cells = []
+        for f in fractions:
+            got = fraction_of_reference(c, reference, f * total_cost)
+            cells.append("outside the curve" if got is None else f"{got:.1%}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_curves(results: dict[str, Any], path: Path, baseline: str = "random") -> None:
     """Learning curves: mean over seeds with a ±1 std band; the baseline dashed. With
     recorded annotation costs, a second panel plots the same curves against the mean cost."""

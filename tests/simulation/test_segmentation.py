@@ -1,0 +1,98 @@
+"""The segmentation simulation end to end on a tiny synthetic medical set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from taskal.data import load_segmentation_folder, make_synthetic_segmentation
+from taskal.queries import LabelState, Query
+from taskal.simulation import (
+    SegmentationSimulation,
+    SegSimulationConfig,
+    format_reference_table,
+    summarize,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*has no dropout with p > 0")
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    root = Path(tmp_path_factory.mktemp("medical"))
+    files = make_synthetic_segmentation(root, num_images=10, image_size=(24, 24), seed=1)
+    classes = ("background", "liver", "kidney", "lesion")
+    pool = load_segmentation_folder(files.img_dir, files.ann_dir, classes)
+    return pool.subset(pool.ids[:7]), pool.subset(pool.ids[7:])
+
+
+def _cfg(**kw: Any) -> SegSimulationConfig:
+    base: dict[str, Any] = dict(
+        strategies=["entropy", dict(type="entropy", name="entropy_regions", query="region")],
+        initial=2,
+        budget=1,
+        rounds=2,
+        seeds=[0],
+        model={"type": "small_segmenter", "width": 4},
+        regions={"patch": 8},
+        train={"epochs": 1, "min_epoch_items": 4, "batch_size": 2},
+        batch_size=4,
+        progress=False,
+    )
+    base.update(kw)
+    return SegSimulationConfig(**base)
+
+
+def test_image_and_region_queries_buy_the_same_pixels(split) -> None:  # type: ignore[no-untyped-def]
+    pool, test = split
+    sim = SegmentationSimulation(_cfg(), pool, test)
+    assert sim.cfg.region_budget == 24 * 24  # one average image's pixels per round
+    runs = {r["strategy"]: r["curve"] for r in sim.run()}
+    assert list(runs) == ["random", "entropy", "entropy_regions"]
+    assert [p["cost"] for p in runs["random"]] == [2 * 576, 3 * 576, 4 * 576]
+    regions = runs["entropy_regions"]
+    assert regions[0]["metric"] == runs["random"][0]["metric"]  # the same round 0
+    assert regions[0]["regions"] == 0 and regions[-1]["regions"] > 0
+    # 8x8 patches of a 24x24 image are whole: exactly one image's pixels per round
+    assert [p["cost"] for p in regions] == [2 * 576, 3 * 576, 4 * 576]
+    assert regions[-1]["labeled"] > 2, "regions spread over more than the initial images"
+    assert all(0.0 <= p["metric"] <= 1.0 for c in runs.values() for p in c)
+
+
+def test_cost_counts_labeled_pixels_of_regions(split) -> None:  # type: ignore[no-untyped-def]
+    pool, test = split
+    sim = SegmentationSimulation(_cfg(regions={"patch": 16}), pool, test)
+    state = LabelState(full={pool.ids[0]})
+    state.add([Query(pool.ids[1], 0), Query(pool.ids[1], 3)])  # 16x16 and the 8x8 corner
+    assert sim.annotation_cost(state) == 576 + 256 + 64
+    assert sim.annotation_cost([pool.ids[0], pool.ids[1]]) == 2 * 576
+
+
+def test_reference_and_the_fraction_table(split) -> None:  # type: ignore[no-untyped-def]
+    pool, test = split
+    sim = SegmentationSimulation(_cfg(strategies=[], rounds=1, reference=True), pool, test)
+    results = {"task": "seg", "metric": "mIoU", "runs": sim.run()}
+    results["reference"] = sim.reference_runs()
+    assert [r["seed"] for r in results["reference"]] == [0]
+    summarize(results)
+    table = format_reference_table(results, sim.total_pixels, fractions=(2 / 7, 0.9))
+    assert "| random |" in table and "outside the curve" in table
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"regions": {"cost": "clicks"}}, "counts labeled pixels"),
+        ({"strategies": [dict(type="coreset", query="region")]}, "cannot query patches"),
+        ({"strategies": ["vote_entropy"]}, "deep ensemble"),
+        ({"region_budget": 0}, "region_budget must be > 0"),
+        ({"label": "scribble"}, "label must be"),
+        ({"model": {}}, "MODELS config of a torchvision segmenter"),
+        ({"train": {"epochs": 0}}, r"seg_train\.epochs"),
+    ],
+)
+def test_bad_configs_fail_before_training(kw: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _cfg(**kw)
