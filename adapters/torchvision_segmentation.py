@@ -111,7 +111,7 @@ class TorchvisionSegmentationAdapter(Adapter):
         dropout_p: float = 0.1,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        size_divisor: int = 8,
+        size_divisor: int = 1,
         device: str | torch.device = "cpu",
     ) -> None:
         if isinstance(model, Mapping):

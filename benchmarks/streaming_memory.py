@@ -12,6 +12,11 @@ streaming, would hold 65,536 x 20 x 4 B = 5.2 MB per image: 5.2 GB at 1,000 imag
 
     python benchmarks/streaming_memory.py                    # entropy, items and regions
     python benchmarks/streaming_memory.py --sizes 100 1000   # a quicker look
+    python benchmarks/streaming_memory.py --adapter fcn --sizes 200 2000 --classes 4
+
+``--adapter fcn`` scores with a real segmentation adapter instead of the toy: torchvision's
+FCN on taskal's small CNN (:func:`taskal.segmenters.small_segmenter`, width 16) through
+:class:`~taskal.adapters.TorchvisionSegmentationAdapter`, 16x16 patches as regions.
 """
 
 from __future__ import annotations
@@ -63,11 +68,23 @@ def _toy_pixel_adapter(num_classes: int, patch: int) -> object:
     return module.ToyPixelAdapter(num_classes=num_classes, width=8, patch=patch)
 
 
-def run_variant(n: int, query: str, size: int, classes: int, batch_size: int) -> dict[str, float]:
+def _fcn_adapter(num_classes: int, patch: int) -> object:
+    from taskal.adapters import TorchvisionSegmentationAdapter
+    from taskal.segmenters import small_segmenter
+
+    torch.manual_seed(0)
+    model = small_segmenter(num_classes, arch="fcn", width=16)
+    return TorchvisionSegmentationAdapter(model, regions=dict(patch=patch))
+
+
+def run_variant(
+    n: int, query: str, size: int, classes: int, batch_size: int, kind: str = "toy"
+) -> dict[str, float]:
     from taskal.selector import Selector
 
     torch.set_num_threads(2)
-    adapter = _toy_pixel_adapter(classes, patch=16)
+    build = _fcn_adapter if kind == "fcn" else _toy_pixel_adapter
+    adapter = build(classes, patch=16)
     source = SyntheticImages(n, size)
     selector = Selector("entropy", batch_size=batch_size, progress=False, query=query)
     # warm up the allocator and kernels on a few items so the baseline includes them
@@ -98,6 +115,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--query", choices=["item", "region"], nargs="+", default=["item", "region"])
     p.add_argument(
+        "--adapter",
+        choices=["toy", "fcn"],
+        default="toy",
+        help="the tests' toy segmenter, or torchvision's FCN on a small CNN",
+    )
+    p.add_argument(
         "--fixed-mmap-threshold",
         action="store_true",
         help="run with MALLOC_MMAP_THRESHOLD_=65536: glibc then returns every large freed\n"
@@ -107,14 +130,15 @@ def main() -> None:
     args = p.parse_args()
     if args.variant:
         n, query = int(args.variant[0]), args.variant[1]
-        print(json.dumps(run_variant(n, query, args.image_size, args.classes, args.batch_size)))
+        row = run_variant(n, query, args.image_size, args.classes, args.batch_size, args.adapter)
+        print(json.dumps(row))
         return
     small, large = args.sizes
     allocator = "MALLOC_MMAP_THRESHOLD_=65536" if args.fixed_mmap_threshold else "glibc defaults"
     print(
         f"[{allocator}] scoring {small:,} and {large:,} images of "
         f"{args.image_size}x{args.image_size}, {args.classes} classes, entropy, "
-        f"batch {args.batch_size}; each run in its own process"
+        f"batch {args.batch_size}, {args.adapter} adapter; each run in its own process"
     )
     print("| query | items | seconds | peak RSS MB | growth while scoring MB |")
     print("|---|---|---|---|---|")
@@ -133,6 +157,8 @@ def main() -> None:
                 str(args.classes),
                 "--batch-size",
                 str(args.batch_size),
+                "--adapter",
+                args.adapter,
             ]
             env = dict(os.environ)
             if args.fixed_mmap_threshold:

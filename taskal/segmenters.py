@@ -52,7 +52,9 @@ def small_segmenter(
     body.add_module("layer1", _stage(in_channels, width, 2))
     body.add_module("layer2", _stage(width, 2 * width, 2))
     body.add_module("layer3", _stage(2 * width, 4 * width, 2, dilation=2))
-    backbone = IntermediateLayerGetter(body, return_layers={"layer3": "out"})
+    # every stage is returned (the heads read "out"), so LLAL and the features see 3 levels
+    layers = {"layer1": "layer1", "layer2": "layer2", "layer3": "out"}
+    backbone = IntermediateLayerGetter(body, return_layers=layers)
     if arch == "fcn":
         return FCN(backbone, FCNHead(4 * width, num_classes))
     return DeepLabV3(backbone, DeepLabHead(4 * width, num_classes, atrous_rates=(2, 4, 6)))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from taskal.adapters import TorchvisionSegmentationAdapter
+from taskal.llal.module import LossPredictionModule
 from taskal.segmenters import small_segmenter
 from taskal.training_seg import SegTrainConfig, _ce, train_segmenter
 from taskal.types import Batch, ItemId
@@ -81,3 +82,16 @@ def test_refuses_labels_outside_the_classes() -> None:
         train_segmenter(_adapter(), pool, pool.ids, CFG, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"seg_train\.epochs"):
         SegTrainConfig(epochs=0)
+
+
+def test_llal_trains_a_loss_predictor_on_the_feature_layers() -> None:
+    pool = Stripes()
+    adapter = _adapter()
+    assert [f.num_levels for f in adapter.feature_info] == [3, 1]  # backbone stages, decoder
+    llal = LossPredictionModule(adapter.feature_info, hidden=8)
+    stats = train_segmenter(
+        adapter, pool, pool.ids, CFG, torch.Generator().manual_seed(0), llal=llal
+    )
+    assert "llal_loss" in stats and adapter.loss_predictor is llal
+    predicted = adapter.predict_loss(pool.take(pool.ids))
+    assert predicted.shape == (6,) and torch.isfinite(predicted).all()
