@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from taskal.functional import check_budget, check_probs, foreground, reduce_regions
+from taskal.functional import check_budget, check_probs, foreground
 from taskal.functional.reduction import REDUCTIONS
 from taskal.queries import LabelState, Query
 from taskal.regions import RegionBuffer, empty_boxes, region_boxes, unlabeled_regions
@@ -140,6 +140,11 @@ class Selector:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if query not in QUERY_KINDS:
             raise ValueError(f"unknown query kind {query!r}; choose one of {QUERY_KINDS}")
+        if query not in self.strategy.query_kinds:
+            raise ValueError(
+                f"{type(self.strategy).__name__} ranks {' or '.join(self.strategy.query_kinds)} "
+                f"queries only; use Selector(query={self.strategy.query_kinds[0]!r})"
+            )
         if query == "region":
             probe = Predictions(torch.full((1, 2, 1), 0.5), torch.zeros(1, dtype=torch.long))
             # raises for strategies without unit scores
@@ -305,10 +310,7 @@ class Selector:
     ) -> None:
         strategy = self.strategy
         scores_U = strategy.region_unit_scores(p, generator).detach().cpu().double()
-        owner_U, region_U = p.owner_U.cpu(), p.regions().cpu()
-        owner_R, region_R, score_R, cost_R = reduce_regions(
-            scores_U, owner_U, region_U, p.costs().detach().cpu().double(), strategy.reduction
-        )
+        owner_R, region_R, score_R, cost_R = strategy.reduce_regions(p, scores_U)
         score_R = strategy.region_scores(score_R, generator)
         if not bool((cost_R > 0).all()):
             raise ValueError(

@@ -13,7 +13,7 @@ from taskal.queries import LabelState
 from taskal.selector import Selector, build_strategy
 from taskal.types import Adapter, Batch, Predictions, Units
 
-from .strategies.template import registered_names
+from .strategies.template import item_query_names
 
 
 def _adapter(seed: int = 0) -> ClassificationAdapter:
@@ -41,7 +41,7 @@ def pool() -> TensorPool:
     )
 
 
-@pytest.mark.parametrize("name", registered_names())
+@pytest.mark.parametrize("name", item_query_names())
 def test_never_returns_labeled_or_duplicates(name: str, pool: TensorPool) -> None:
     labeled = pool.ids[::3]
     queries = Selector(name, batch_size=7, progress=False).select(
@@ -54,7 +54,7 @@ def test_never_returns_labeled_or_duplicates(name: str, pool: TensorPool) -> Non
     assert set(picks) <= set(pool.ids)
 
 
-@pytest.mark.parametrize("name", registered_names())
+@pytest.mark.parametrize("name", item_query_names())
 def test_same_seed_same_ids(name: str, pool: TensorPool) -> None:
     """The generator alone decides: the global RNG state (MC-dropout masks) does not."""
     adapter = _adapter_for(name)

@@ -5,6 +5,7 @@ region buffer."""
 from __future__ import annotations
 
 import gc
+import math
 import weakref
 from collections.abc import Iterator, Sequence
 
@@ -291,3 +292,43 @@ def test_boxes_without_area_are_never_queried() -> None:
     assert all(q.box is not None and q.box[3] > q.box[1] for q in queries)
     with pytest.raises(ValueError, match="larger than the unlabeled regions' total cost"):
         selector.select(adapter, source, [], float(units // 2 + 1))
+
+
+def test_region_impurity_asks_for_regions_where_classes_meet() -> None:
+    """Two regions equally uncertain on average: the one whose pixels are predicted as two
+    classes beats the one predicted as a single class; a pure region scores 0."""
+    from taskal import functional as F
+    from taskal.strategies import RegionImpurity
+
+    probs = torch.tensor(
+        [
+            [0.6, 0.4],
+            [0.6, 0.4],
+            [0.6, 0.4],
+            [0.6, 0.4],
+            [0.6, 0.4],
+            [0.4, 0.6],
+            [0.9, 0.1],
+            [0.9, 0.1],
+        ]
+    )[:, :, None]
+    p = Predictions(
+        probs,
+        torch.zeros(8, dtype=torch.long),
+        unit_U=torch.arange(8),
+        region_U=torch.tensor([0, 0, 1, 1, 1, 1, 2, 2]),
+    )
+    strategy = RegionImpurity()
+    _, region, score, cost = strategy.reduce_regions(p, strategy.region_unit_scores(p).double())
+    assert region.tolist() == [0, 1, 2] and cost.tolist() == [2.0, 4.0, 2.0]
+    assert score[0] == 0.0 and score[2] == 0.0 and score[1] > 0.0
+    impurity = F.region_impurity(
+        torch.tensor([0, 0, 1, 1]), torch.zeros(4), torch.tensor([0, 0, 0, 0]), 2
+    )
+    assert torch.allclose(impurity, torch.tensor([math.log(2)], dtype=torch.float64))
+    with pytest.raises(ValueError, match="ranks region queries only"):
+        Selector("region_impurity", query="item")
+    queries = Selector("region_impurity", progress=False, query="region").select(
+        _pixel(), ImageList(3), [], 32.0, torch.Generator().manual_seed(0)
+    )
+    assert queries and sum(q.cost for q in queries) <= 32.0

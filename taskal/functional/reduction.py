@@ -132,3 +132,41 @@ def reduce_regions(
         reduce = "amax" if reduction == "max" else "mean"
         score_R.scatter_reduce_(0, inverse_U, scores_U, reduce=reduce, include_self=False)
     return key_R // span, key_R % span, score_R, cost_R
+
+
+def region_impurity(
+    classes_U: Tensor, owner_U: Tensor, region_U: Tensor, num_classes: int
+) -> Tensor:
+    """``[R]`` entropy (nats) of the predicted classes' histogram in each region, one entry
+    per distinct ``(owner, region)`` pair in :func:`reduce_regions`'s order.
+
+    A region predicted as one class has impurity 0; one split evenly over ``m`` classes has
+    ``log m``. RIPU (Xie et al. 2022) multiplies it with the region's uncertainty, so that
+    regions on class boundaries, where several classes meet, are asked first.
+
+    Args:
+        classes_U: ``[U]`` predicted class of every unit, ``0..num_classes-1``.
+        owner_U: ``[U]`` item of every unit, ``>= 0``.
+        region_U: ``[U]`` region of every unit inside its item, ``>= 0``.
+        num_classes: ``C``.
+
+    Raises:
+        ValueError: tensors of other shapes, or classes outside ``0..C-1``.
+    """
+    if not (classes_U.shape == owner_U.shape == region_U.shape) or classes_U.dim() != 1:
+        raise ValueError(
+            "classes, owners and regions must all be [U], got "
+            f"{tuple(classes_U.shape)}, {tuple(owner_U.shape)}, {tuple(region_U.shape)}"
+        )
+    classes_U = classes_U.long()
+    if classes_U.numel() and (int(classes_U.min()) < 0 or int(classes_U.max()) >= num_classes):
+        raise ValueError(f"predicted classes must lie in 0..{num_classes - 1}")
+    owner_U, region_U = owner_U.long(), region_U.long()
+    span = int(region_U.max()) + 1 if region_U.numel() else 1
+    key_R, inverse_U = torch.unique(owner_U * span + region_U, return_inverse=True)  # sorted
+    counts_RC = torch.zeros(len(key_R), num_classes, dtype=torch.float64, device=classes_U.device)
+    counts_RC.index_put_(
+        (inverse_U, classes_U), torch.ones_like(classes_U, dtype=torch.float64), accumulate=True
+    )
+    share = counts_RC / counts_RC.sum(1, keepdim=True)
+    return -(share * share.clamp(min=1e-300).log()).sum(1)

@@ -160,6 +160,11 @@ def query_kinds(specs: list[Any], regions: str | None = None) -> dict[str, str]:
         label = strategy_label(spec)
         if kind not in QUERY_KINDS:
             raise ValueError(f"strategy {label!r} has query={kind!r}; choose one of {QUERY_KINDS}")
+        if kind == "item":
+            try:
+                Selector(_strategy_cfg(spec), query="item")
+            except ValueError as err:
+                raise ValueError(f"strategy {label!r}: {err}; add query='region'") from None
         if kind == "region":
             if regions is None:
                 raise ValueError(

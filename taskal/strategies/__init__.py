@@ -5,6 +5,7 @@ from taskal.strategies.base import QueryStrategy, ScoreStrategy, UnitScoreStrate
 from taskal.strategies.difficulty import DifficultyCalibrated
 from taskal.strategies.diversity import BADGE, CoreSet
 from taskal.strategies.hybrid import TwoStage
+from taskal.strategies.impurity import RegionImpurity
 from taskal.strategies.llal import LearningLoss
 from taskal.strategies.random import RandomSampling
 from taskal.strategies.uncertainty import (
@@ -32,6 +33,7 @@ __all__ = [
     "MeanSTD",
     "QueryStrategy",
     "RandomSampling",
+    "RegionImpurity",
     "ScoreStrategy",
     "TwoStage",
     "UnitScoreStrategy",

@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from taskal.functional import reduce_units, top_k
+from taskal.functional import reduce_regions, reduce_units, top_k
 from taskal.functional.reduction import ITEM_REDUCTIONS
 from taskal.types import BatchOutputs, PoolOutputs, Predictions
 
@@ -99,8 +99,26 @@ class QueryStrategy:
         """``[R]`` final region scores from the reduced unit scores (unchanged by default)."""
         return scores_R
 
+    def reduce_regions(
+        self, predictions: Predictions, scores_U: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(owner_R, region_R, score_R, cost_R)`` of one batch's regions from its ``[U]``
+        unit scores (on the CPU): :func:`taskal.functional.reduce_regions` with
+        :attr:`reduction` by default; a strategy that scores a region from more than its
+        units' scores (RIPU's class impurity) overrides it."""
+        p = predictions
+        return reduce_regions(
+            scores_U,
+            p.owner_U.cpu(),
+            p.regions().cpu(),
+            p.costs().detach().cpu().double(),
+            self.reduction,
+        )
+
     #: how unit scores become a region's (or an item's) score.
     reduction: str = "max"
+    #: the query kinds the strategy ranks: whole items, regions, or both.
+    query_kinds: ClassVar[tuple[str, ...]] = ("item", "region")
 
     def select(
         self, outputs: PoolOutputs, budget: int, generator: torch.Generator | None = None

@@ -87,6 +87,7 @@ def test_reference_and_the_fraction_table(split) -> None:  # type: ignore[no-unt
         ({"regions": {"cost": "clicks"}}, "counts labeled pixels"),
         ({"strategies": [dict(type="coreset", query="region")]}, "cannot query patches"),
         ({"strategies": ["vote_entropy"]}, "deep ensemble"),
+        ({"strategies": ["region_impurity"]}, "add query='region'"),
         ({"region_budget": 0}, "region_budget must be > 0"),
         ({"label": "scribble"}, "label must be"),
         ({"model": {}}, "MODELS config of a torchvision segmenter"),

@@ -17,6 +17,11 @@ def registered_names() -> list[str]:
     return sorted(QUERY_STRATEGIES.module_dict)
 
 
+def item_query_names() -> list[str]:
+    """Registered strategies that rank whole items (all but the region-only ones)."""
+    return [n for n in registered_names() if "item" in build_strategy(n).query_kinds]
+
+
 def make_batch(n: int = 40, c: int = 4, k: int = 5, d: int = 6, seed: int = 0) -> BatchOutputs:
     """Image-level softmax predictions, embeddings, predicted losses and per-class quality
     of ``n`` items."""
