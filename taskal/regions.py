@@ -23,14 +23,30 @@ class RegionBuffer:
 
     Regions costing more than the budget are counted but never kept; of the rest, the
     best are kept until their cost adds up to twice the budget (the greedy fill skips
-    regions that no longer fit, so it needs some slack). Rows are ranked by score, ties by
-    a random key from the selection's generator. Memory is bounded by the budget over the
-    cheapest region's cost, not by the pool.
+    regions that no longer fit, so it needs some slack; with caps, ``2 / share`` times the
+    budget for the smallest share). Rows are ranked by score, ties by a random key from the
+    selection's generator. Memory is bounded by the budget over the cheapest region's cost,
+    not by the pool.
+
+    Args:
+        budget: the annotation cost to spend.
+        max_item_share: the largest share of the budget one item's regions may take
+            (``None``: no cap), so one image cannot take the whole budget.
+        max_class_share: the largest share one predicted class's regions may take (a
+            region's class: the class most of its units are predicted as).
     """
 
-    def __init__(self, budget: float) -> None:
+    def __init__(
+        self,
+        budget: float,
+        max_item_share: float | None = None,
+        max_class_share: float | None = None,
+    ) -> None:
         self.budget = budget
-        self.keep_cost = 2.0 * budget
+        self.max_item_share = max_item_share
+        self.max_class_share = max_class_share
+        shares = [x for x in (max_item_share, max_class_share) if x is not None]
+        self.keep_cost = budget * max([2.0] + [2.0 / x for x in shares])
         self.total_cost = 0.0
         self.min_cost = math.inf
         self.affordable = 0
@@ -40,6 +56,7 @@ class RegionBuffer:
         self.region = torch.zeros(0, dtype=torch.long)
         self.cost = torch.zeros(0, dtype=torch.float64)
         self.box = torch.zeros(0, 4, dtype=torch.float64)
+        self.cls = torch.zeros(0, dtype=torch.long)
 
     def push(
         self,
@@ -49,8 +66,12 @@ class RegionBuffer:
         cost: Tensor,
         box: Tensor,
         generator: torch.Generator,
+        cls: Tensor | None = None,
     ) -> None:
-        """Add regions (``[R]`` each, ``box`` ``[R, 4]``) and drop all but the best."""
+        """Add regions (``[R]`` each, ``box`` ``[R, 4]``, ``cls`` their predicted classes or
+        ``None``) and drop all but the best."""
+        if cls is None:
+            cls = torch.full((len(score),), -1, dtype=torch.long)
         cost = cost.double()
         self.total_cost += float(cost.sum())
         if len(cost):
@@ -63,11 +84,12 @@ class RegionBuffer:
         self.region = torch.cat([self.region, region.long()[fits]])
         self.cost = torch.cat([self.cost, cost[fits]])
         self.box = torch.cat([self.box, box.double()[fits]])
+        self.cls = torch.cat([self.cls, cls.long()[fits]])
         order = self.order()
         cum = torch.cumsum(self.cost[order], 0)
         keep = int(torch.searchsorted(cum, torch.tensor([self.keep_cost], dtype=cum.dtype))) + 1
         order = order[:keep]
-        for name in ("score", "tie", "item", "region", "cost", "box"):
+        for name in ("score", "tie", "item", "region", "cost", "box", "cls"):
             setattr(self, name, getattr(self, name)[order])
 
     def order(self) -> Tensor:
@@ -76,7 +98,7 @@ class RegionBuffer:
         return by_tie[torch.sort(self.score[by_tie], descending=True, stable=True).indices]
 
     def queries(self, candidates: Sequence[ItemId]) -> list[Query]:
-        """The best regions whose costs fit the budget, greedily by score."""
+        """The best regions whose costs fit the budget (and the caps), greedily by score."""
         budget = self.budget
         if self.total_cost < budget:
             raise ValueError(
@@ -88,11 +110,22 @@ class RegionBuffer:
                 f"every unlabeled region costs more than the budget {budget:g} (the cheapest "
                 f"costs {self.min_cost:g}); raise the budget or use smaller regions."
             )
+        item_cap = math.inf if self.max_item_share is None else self.max_item_share * budget
+        class_cap = math.inf if self.max_class_share is None else self.max_class_share * budget
+        per_item: dict[int, float] = {}
+        per_class: dict[int, float] = {}
         queries, spent = [], 0.0
         for i in self.order().tolist():
             cost = float(self.cost[i])
+            item, cls = int(self.item[i]), int(self.cls[i])
             if spent + cost > budget + 1e-9:
                 continue
+            if per_item.get(item, 0.0) + cost > item_cap + 1e-9:
+                continue
+            if cls >= 0 and per_class.get(cls, 0.0) + cost > class_cap + 1e-9:
+                continue
+            per_item[item] = per_item.get(item, 0.0) + cost
+            per_class[cls] = per_class.get(cls, 0.0) + cost
             box = self.box[i]
             queries.append(
                 Query(

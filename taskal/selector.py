@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from taskal.functional import check_budget, check_probs, foreground
+from taskal.functional import check_budget, check_probs, foreground, region_class_counts
 from taskal.functional.reduction import REDUCTIONS
 from taskal.queries import LabelState, Query
 from taskal.regions import RegionBuffer, empty_boxes, region_boxes, unlabeled_regions
@@ -124,6 +124,11 @@ class Selector:
             defines them; the budget counts annotation cost, ``cost_U`` summed per region).
         keep_meta: metainfo keys of your own that adapters may see during selection, on top
             of :data:`taskal.types.META_KEYS` (everything else in a data sample is stripped).
+        max_item_share: region queries: the largest share of the budget one item's regions
+            may take, so one image cannot take it all (``None``: no cap).
+        max_class_share: region queries: the largest share one predicted class may take (a
+            region's class is the one most of its units are predicted as, background
+            columns of detectors left out; ``None``: no cap).
     """
 
     def __init__(
@@ -133,6 +138,8 @@ class Selector:
         progress: bool = True,
         query: str = "item",
         keep_meta: Collection[str] = (),
+        max_item_share: float | None = None,
+        max_class_share: float | None = None,
     ) -> None:
         self.strategy = build_strategy(strategy)
         self.keep_meta = META_KEYS | frozenset(keep_meta)
@@ -154,6 +161,18 @@ class Selector:
                     f"reduction {self.strategy.reduction!r} turns units into an item score; "
                     f"region queries reduce a region's units with one of {REDUCTIONS}"
                 )
+        for name, share in (
+            ("max_item_share", max_item_share),
+            ("max_class_share", max_class_share),
+        ):
+            if share is None:
+                continue
+            if query != "region":
+                raise ValueError(f"{name} caps region queries; item queries take no {name}")
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+                raise ValueError(f"{name} must lie in (0, 1] or be None, got {share!r}")
+        self.max_item_share = max_item_share
+        self.max_class_share = max_class_share
         self.batch_size = batch_size
         self.progress = progress
         self.query = query
@@ -205,7 +224,11 @@ class Selector:
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            buffer = RegionBuffer(float(budget)) if self.query == "region" else None
+            buffer = (
+                RegionBuffer(float(budget), self.max_item_share, self.max_class_share)
+                if self.query == "region"
+                else None
+            )
             outputs = self.stream(
                 adapter, source, candidates, labeled_ids, buffer, state, generator
             )
@@ -280,7 +303,9 @@ class Selector:
             if out.embeddings_BD is not None:
                 acc.write("embeds", offset, out.embeddings_BD)
             if regions is not None and out.predictions is not None:
-                self._push_regions(regions, out.predictions, offset, candidates, state, generator)
+                self._push_regions(
+                    regions, out.predictions, offset, candidates, state, generator, background
+                )
             elif (scores := strategy.score_batch(out)) is not None:
                 acc.write("scores", offset, scores)
             offset += len(batch)
@@ -307,6 +332,7 @@ class Selector:
         candidates: Sequence[ItemId],
         state: LabelState | None,
         generator: torch.Generator,
+        background: int | None = None,
     ) -> None:
         strategy = self.strategy
         scores_U = strategy.region_unit_scores(p, generator).detach().cpu().double()
@@ -322,6 +348,9 @@ class Selector:
         box_R4 = region_boxes(p, owner_R, region_R)
         keep = unlabeled_regions(owner_R, region_R, offset, candidates, state, box_R4)
         keep &= ~empty_boxes(box_R4)
+        class_R = None
+        if buffer.max_class_share is not None:
+            class_R = _region_classes(p, background)[keep]
         buffer.push(
             score_R[keep],
             owner_R[keep] + offset,
@@ -329,6 +358,7 @@ class Selector:
             cost_R[keep],
             box_R4[keep],
             generator,
+            class_R,
         )
 
     def _check_positions(self, positions: Tensor, num: int, budget: int) -> list[int]:
@@ -378,6 +408,18 @@ def _item_probs(
     out = sums / counts.clamp_min(1)
     out[counts.squeeze(1) == 0, background] = 1.0
     return out
+
+
+def _region_classes(p: Predictions, background: int | None) -> Tensor:
+    """``[R]`` the class most units of each region are predicted as (a unit's class: its most
+    probable foreground class), in :func:`taskal.functional.reduce_regions`'s order."""
+    probs_UC = p.probs_UCK.mean(-1).detach().cpu().clone()
+    if background is not None:
+        probs_UC[:, background] = -1.0
+    counts_RC = region_class_counts(
+        probs_UC.argmax(1), p.owner_U.cpu(), p.regions().cpu(), probs_UC.shape[1]
+    )
+    return counts_RC.argmax(1)
 
 
 def _item_classes(p: Predictions | None, num_items: int, background: int | None) -> Tensor:

@@ -332,3 +332,63 @@ def test_region_impurity_asks_for_regions_where_classes_meet() -> None:
         _pixel(), ImageList(3), [], 32.0, torch.Generator().manual_seed(0)
     )
     assert queries and sum(q.cost for q in queries) <= 32.0
+
+
+def test_item_and_class_caps_spread_region_queries() -> None:
+    source = ImageList(6)
+    adapter = _pixel()
+    free = Selector("entropy", progress=False, query="region").select(adapter, source, [], 160.0)
+    per_item: dict[ItemId, float] = {}
+    for q in free:
+        per_item[q.item] = per_item.get(q.item, 0.0) + q.cost
+    capped = Selector("entropy", progress=False, query="region", max_item_share=0.2).select(
+        adapter, source, [], 160.0
+    )
+    spent: dict[ItemId, float] = {}
+    for q in capped:
+        spent[q.item] = spent.get(q.item, 0.0) + q.cost
+    assert max(per_item.values()) > 32.0, "uncapped, one image takes more than a fifth"
+    assert max(spent.values()) <= 32.0 and len(spent) >= 5
+    assert sum(spent.values()) == pytest.approx(160.0)
+
+
+def test_region_buffer_class_cap() -> None:
+    buffer = RegionBuffer(4.0, max_class_share=0.5)
+    g = torch.Generator().manual_seed(0)
+    n = 8
+    buffer.push(
+        torch.arange(n, 0, -1).double(),  # region 0 best
+        torch.arange(n),
+        torch.zeros(n, dtype=torch.long),
+        torch.ones(n),
+        torch.full((n, 4), math.nan),
+        g,
+        torch.tensor([1, 1, 1, 2, 2, 2, 3, 3]),
+    )
+    picks = buffer.queries([f"i{k}" for k in range(n)])
+    assert [q.item for q in picks] == ["i0", "i1", "i3", "i4"]  # two per class at most
+
+
+def test_caps_are_checked() -> None:
+    with pytest.raises(ValueError, match="caps region queries"):
+        Selector("entropy", max_item_share=0.5)
+    with pytest.raises(ValueError, match=r"max_class_share must lie in \(0, 1\]"):
+        Selector("entropy", query="region", max_class_share=0.0)
+
+
+def test_class_cap_through_the_selector() -> None:
+    """Each queried patch's dominant predicted class spends at most half the budget."""
+    source = ImageList(6)
+    adapter = _pixel()
+    queries = Selector("entropy", progress=False, query="region", max_class_share=0.5).select(
+        adapter, source, [], 96.0
+    )
+    batch = next(source.batches(source.ids, 6))
+    pred = adapter.predict(batch)
+    classes = pred.probs_UCK[..., 0].argmax(1)
+    spent: dict[int, float] = {}
+    for q in queries:
+        mine = (pred.owner_U == source.ids.index(q.item)) & (pred.regions() == q.region)
+        dominant = int(torch.bincount(classes[mine], minlength=3).argmax())
+        spent[dominant] = spent.get(dominant, 0.0) + q.cost
+    assert queries and max(spent.values()) <= 48.0

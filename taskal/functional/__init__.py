@@ -4,7 +4,12 @@ from taskal.functional.badge import badge_select, gradient_factors, gradient_sq_
 from taskal.functional.diversity import k_center_greedy, kmeans_pp, min_sq_dists, sq_dists_to
 from taskal.functional.llal import loss_ranking_loss
 from taskal.functional.ranking import top_k
-from taskal.functional.reduction import reduce_regions, reduce_units, region_impurity
+from taskal.functional.reduction import (
+    reduce_regions,
+    reduce_units,
+    region_class_counts,
+    region_impurity,
+)
 from taskal.functional.uncertainty import (
     bald,
     entropy,
@@ -44,6 +49,7 @@ __all__ = [
     "min_sq_dists",
     "reduce_regions",
     "reduce_units",
+    "region_class_counts",
     "region_impurity",
     "sq_dists_to",
     "top_k",

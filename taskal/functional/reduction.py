@@ -134,15 +134,11 @@ def reduce_regions(
     return key_R // span, key_R % span, score_R, cost_R
 
 
-def region_impurity(
+def region_class_counts(
     classes_U: Tensor, owner_U: Tensor, region_U: Tensor, num_classes: int
 ) -> Tensor:
-    """``[R]`` entropy (nats) of the predicted classes' histogram in each region, one entry
-    per distinct ``(owner, region)`` pair in :func:`reduce_regions`'s order.
-
-    A region predicted as one class has impurity 0; one split evenly over ``m`` classes has
-    ``log m``. RIPU (Xie et al. 2022) multiplies it with the region's uncertainty, so that
-    regions on class boundaries, where several classes meet, are asked first.
+    """``[R, C]`` how many units of each region are predicted as each class, one row per
+    distinct ``(owner, region)`` pair in :func:`reduce_regions`'s order.
 
     Args:
         classes_U: ``[U]`` predicted class of every unit, ``0..num_classes-1``.
@@ -165,8 +161,21 @@ def region_impurity(
     span = int(region_U.max()) + 1 if region_U.numel() else 1
     key_R, inverse_U = torch.unique(owner_U * span + region_U, return_inverse=True)  # sorted
     counts_RC = torch.zeros(len(key_R), num_classes, dtype=torch.float64, device=classes_U.device)
-    counts_RC.index_put_(
-        (inverse_U, classes_U), torch.ones_like(classes_U, dtype=torch.float64), accumulate=True
-    )
+    ones = torch.ones_like(classes_U, dtype=torch.float64)
+    return counts_RC.index_put_((inverse_U, classes_U), ones, accumulate=True)
+
+
+def region_impurity(
+    classes_U: Tensor, owner_U: Tensor, region_U: Tensor, num_classes: int
+) -> Tensor:
+    """``[R]`` entropy (nats) of the predicted classes' histogram in each region, one entry
+    per distinct ``(owner, region)`` pair in :func:`reduce_regions`'s order.
+
+    A region predicted as one class has impurity 0; one split evenly over ``m`` classes has
+    ``log m``. RIPU (Xie et al. 2022) multiplies it with the region's uncertainty, so that
+    regions on class boundaries, where several classes meet, are asked first. Arguments and
+    errors as :func:`region_class_counts`.
+    """
+    counts_RC = region_class_counts(classes_U, owner_U, region_U, num_classes)
     share = counts_RC / counts_RC.sum(1, keepdim=True)
     return -(share * share.clamp(min=1e-300).log()).sum(1)

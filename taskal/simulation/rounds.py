@@ -54,6 +54,8 @@ class RoundLoop:
     pool: Any
     strategies: list[tuple[str, QueryStrategy]]
     query_kinds: Mapping[str, str] = MappingProxyType({})
+    #: extra :class:`~taskal.selector.Selector` arguments of region-query runs (caps).
+    region_options: Mapping[str, object] = MappingProxyType({})
     select_batch_size: int = 256
     desc: str = "simulate"
 
@@ -110,7 +112,8 @@ class RoundLoop:
         # region queries: full labels of the initial items, then regions answered per round
         state = LabelState(full=set(labeled)) if query == "region" else None
         budget = cfg.budget if state is None else cfg.region_budget
-        selector = Selector(strategy, self.select_batch_size, progress=False, query=query)
+        options = dict(self.region_options) if query == "region" else {}
+        selector = Selector(strategy, self.select_batch_size, False, query, **options)  # type: ignore[arg-type]
         curve = []
         for r in range(cfg.rounds + 1):
             current: Labeled = list(labeled) if state is None else state.copy()

@@ -29,6 +29,7 @@ from taskal.evaluation.segmentation import segmentation_metrics
 from taskal.llal.module import LossPredictionModule
 from taskal.partial import PartialSegmentationPool
 from taskal.queries import LabelState
+from taskal.selector import Selector
 from taskal.simulation.loop import _dataclass_from, query_kinds, resolve_strategies
 from taskal.simulation.rounds import Labeled, RoundLoop, mix_seed
 from taskal.strategies.base import QueryStrategy
@@ -56,6 +57,9 @@ class SegSimulationConfig:
             ``compactness``); budgets count pixels.
         region_budget: labeled pixels bought per round by region queries; ``None``: the
             pixels of ``budget`` average pool images.
+        region_caps: :class:`~taskal.selector.Selector` caps of region queries,
+            ``max_item_share`` and ``max_class_share`` (shares of a round's budget one image,
+            or one predicted class, may take).
         label: how the oracle answers a region: ``"pixels"`` or ``"dominant"``.
         reference: also train one model per seed on the whole pool (full supervision).
         train: :class:`~taskal.training_seg.SegTrainConfig` fields.
@@ -74,6 +78,7 @@ class SegSimulationConfig:
     adapter: dict[str, Any] = field(default_factory=dict)
     regions: dict[str, Any] = field(default_factory=dict)
     region_budget: float | None = None
+    region_caps: dict[str, Any] = field(default_factory=dict)
     label: str = "pixels"
     reference: bool = False
     train: dict[str, Any] = field(default_factory=dict)
@@ -110,6 +115,13 @@ class SegSimulationConfig:
         self.train_cfg = _dataclass_from(SegTrainConfig, self.train, "train")
         self.llal_cfg = _dataclass_from(LLALConfig, self.llal, "al.llal")
         self.query_kinds = query_kinds(self.strategies, regions="patches or superpixels")
+        unknown = set(self.region_caps) - {"max_item_share", "max_class_share"}
+        if unknown:
+            raise ValueError(
+                f"region_caps does not take {sorted(unknown)}; it accepts max_item_share and "
+                "max_class_share"
+            )
+        Selector("random", query="region", **self.region_caps)  # checks the shares
         for label, strategy in resolve_strategies(self.strategies):
             if strategy.sampling == "ensemble":
                 raise ValueError(
@@ -135,6 +147,7 @@ class SegmentationSimulation(RoundLoop):
         self.check_pool_size()
         self.strategies = resolve_strategies(cfg.strategies)
         self.query_kinds = cfg.query_kinds
+        self.region_options = dict(cfg.region_caps)
         self.select_batch_size = cfg.batch_size
         self.pixels = {i: int(pool.num_pixels(i)) for i in pool.ids}
         if cfg.region_budget is None:

@@ -90,6 +90,8 @@ def test_reference_and_the_fraction_table(split) -> None:  # type: ignore[no-unt
         ({"strategies": ["region_impurity"]}, "add query='region'"),
         ({"region_budget": 0}, "region_budget must be > 0"),
         ({"label": "scribble"}, "label must be"),
+        ({"region_caps": {"per_image": 0.1}}, "region_caps does not take"),
+        ({"region_caps": {"max_item_share": 2}}, "max_item_share must lie"),
         ({"model": {}}, "MODELS config of a torchvision segmenter"),
         ({"train": {"epochs": 0}}, r"seg_train\.epochs"),
     ],
@@ -97,3 +99,17 @@ def test_reference_and_the_fraction_table(split) -> None:  # type: ignore[no-unt
 def test_bad_configs_fail_before_training(kw: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _cfg(**kw)
+
+
+def test_region_caps_reach_the_selector(split) -> None:  # type: ignore[no-untyped-def]
+    pool, test = split
+    strategies = [dict(type="entropy", name="patches", query="region")]
+    cfg = _cfg(strategies=strategies, rounds=1, region_caps={"max_item_share": 0.25})
+    sim = SegmentationSimulation(cfg, pool, test)
+    seen: list[list[Query]] = []
+    sim.record_queries = lambda label, seed, r, queries: seen.append(queries)  # type: ignore[method-assign]
+    sim.run()
+    spent: dict[str, float] = {}
+    for q in seen[-1]:
+        spent[str(q.item)] = spent.get(str(q.item), 0.0) + q.cost
+    assert max(spent.values()) <= 0.25 * 576 and len(spent) >= 4
