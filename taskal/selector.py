@@ -379,9 +379,10 @@ def _item_probs(
     """``[B, C]`` image-level softmax probabilities (for BADGE).
 
     Image-level units (classification) give theirs directly. With several units per image
-    (detection boxes) an image's distribution is the mean of its units' softmax vectors,
-    which needs a background column (Faster R-CNN-style heads): an image without units is
-    all background. Sigmoid scores are no distribution and are refused.
+    (detection boxes, segmentation pixels) an image's distribution is the mean of its
+    units' softmax vectors; an image without units (no detections) is all background,
+    which needs a background column (Faster R-CNN-style heads). Sigmoid scores are no
+    distribution and are refused.
     """
     name = type(strategy).__name__
     if p is None:
@@ -397,16 +398,18 @@ def _item_probs(
     if p.num_units == num_items and torch.equal(owner, torch.arange(num_items)):
         return probs_UC
     probs_UC = probs_UC.float()
-    if background is None:
-        raise ValueError(
-            f"{name} needs one prediction per item (image-level units) or a background "
-            f"column to average box units over; got {p.num_units} units for {num_items} "
-            "items and no background"
-        )
     sums = torch.zeros(num_items, probs_UC.shape[1]).index_add_(0, owner, probs_UC)
-    counts = torch.bincount(owner, minlength=num_items).unsqueeze(1)
-    out = sums / counts.clamp_min(1)
-    out[counts.squeeze(1) == 0, background] = 1.0
+    counts = torch.bincount(owner, minlength=num_items)
+    out = sums / counts.clamp_min(1).unsqueeze(1)
+    empty = counts == 0
+    if bool(empty.any()):
+        if background is None:
+            raise ValueError(
+                f"{name} averages an image's units into one distribution, but "
+                f"{int(empty.sum())} images have no units and the head has no background "
+                "column to give them; use a head with a background class or coreset"
+            )
+        out[empty, background] = 1.0
     return out
 
 
