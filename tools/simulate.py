@@ -165,12 +165,41 @@ def build_segmentation_split(cfg: Any) -> tuple[Any, Any]:
         data = load_segmentation_folder(files.img_dir, files.ann_dir, classes)
     elif kind == "segmentation_folder":
         data = load_segmentation_folder(**spec)
+    elif kind in ("synthetic_volumes", "volume_slices"):
+        return _volume_split(kind, spec, cfg)
     else:
         raise SystemExit(
-            "a seg config's dataset.type must be 'synthetic_segmentation' or "
-            f"'segmentation_folder' (with img_dir, ann_dir and classes), got {kind!r}"
+            "a seg config's dataset.type must be 'synthetic_segmentation', "
+            "'segmentation_folder' (with img_dir, ann_dir and classes), 'synthetic_volumes' or "
+            f"'volume_slices' (with image_dir, label_dir, classes and axis), got {kind!r}"
         )
     return _split(data, cfg)
+
+
+def _volume_split(kind: str, spec: dict[str, Any], cfg: Any) -> tuple[Any, Any]:
+    """Slices of NIfTI volumes, split by volume (``test_fraction`` of the scans, seed 0), so
+    that neighbouring slices of one scan never sit on both sides."""
+    import torch
+
+    from taskal.data import ensure_synthetic_volumes, load_volume_slices
+
+    axis = int(spec.pop("axis", 2))
+    if kind == "synthetic_volumes":
+        root = Path(spec.pop("root", "work_dirs/data/synthetic_volumes"))
+        files = ensure_synthetic_volumes(root if root.is_absolute() else ROOT / root, **spec)
+        classes = spec.get("classes", ("background", "liver", "kidney", "lesion"))
+        data = load_volume_slices(files.image_dir, files.label_dir, classes, axis=axis)
+    else:
+        data = load_volume_slices(axis=axis, **spec)
+    fraction = float(cfg.get("test_fraction", 0.2))
+    n_test = round(fraction * len(data.volumes))
+    if not 0 < n_test < len(data.volumes):
+        raise SystemExit(f"test_fraction {fraction} leaves no pool or no test scans")
+    order = torch.randperm(len(data.volumes), generator=torch.Generator().manual_seed(0))
+    test_volumes = {data.volumes[int(i)] for i in order[:n_test]}
+    test_ids = [i for i in data.ids if data.volume_of(i) in test_volumes]
+    pool_ids = [i for i in data.ids if data.volume_of(i) not in test_volumes]
+    return data.subset(pool_ids), data.subset(test_ids)
 
 
 def detector_fields(cfg: Any) -> dict[str, Any]:

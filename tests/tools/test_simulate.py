@@ -167,3 +167,75 @@ def test_detection_task_writes_map_and_box_costs(tmp_path: Path) -> None:
 def test_task_must_match_the_config(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"--task det contradicts .* a cls config"):
         _run(["--task", "det", "--config", str(ROOT / "configs/cls/digits_smallcnn.py")])
+
+
+SEG_FAST = [
+    "--seeds",
+    "0",
+    "--initial",
+    "2",
+    "--budget",
+    "1",
+    "--rounds",
+    "1",
+    "--no-progress",
+]
+
+
+def test_segmentation_task_writes_miou_pixels_and_the_reference(tmp_path: Path) -> None:
+    """--task seg: the shipped seg config on a tiny synthetic set, image and region queries
+    at the same pixels, and the full-supervision table."""
+    out = tmp_path / "seg"
+    results = _run(
+        [
+            "--task",
+            "seg",
+            *SEG_FAST,
+            "--output-dir",
+            str(out),
+            "--cfg-options",
+            f"dataset.root={tmp_path / 'medical'}",
+            "dataset.num_images=10",
+            "dataset.image_size=[24,24]",
+            "model.width=4",
+            "train.epochs=1",
+            "train.min_epoch_items=4",
+            "al.regions.n_segments=9",
+        ]
+    )
+    assert results["task"] == "seg" and results["metric"] == "mIoU"
+    assert [r["strategy"] for r in results["runs"]] == [
+        "random",
+        "entropy",
+        "random_regions",
+        "entropy_regions",
+    ]
+    costs = {r["strategy"]: [p["cost"] for p in r["curve"]] for r in results["runs"]}
+    assert costs["random"] == [2 * 576, 3 * 576]
+    assert all(c[0] == 2 * 576 and 2 * 576 < c[1] <= 3 * 576 for c in costs.values())
+    assert [r["seed"] for r in results["reference"]] == [0] and results["pool_cost"] == 8 * 576
+    summary = (out / "summary.md").read_text()
+    assert "pixels to reach random's final" in summary and "Full supervision" in summary
+
+
+def test_segmentation_on_nifti_slices_splits_by_scan(tmp_path: Path) -> None:
+    config = tmp_path / "volumes.py"
+    config.write_text(
+        f"_base_ = ['{ROOT / 'configs/seg/synthetic_medical_fcn.py'}']\n"
+        "dataset = dict(_delete_=True, type='synthetic_volumes', "
+        f"root='{tmp_path / 'vol'}', num_volumes=3, shape=(20, 20, 6), axis=2)\n"
+        "test_fraction = 1 / 3\n"
+        "model = dict(width=4)\n"
+        "train = dict(epochs=1, min_epoch_items=4)\n"
+        "al = dict(strategies=['entropy'], reference=False, regions=dict(kind='patch', patch=10))\n"
+    )
+    results = _run(["--config", str(config), *SEG_FAST, "--output-dir", str(tmp_path / "out")])
+    assert [r["strategy"] for r in results["runs"]] == ["random", "entropy"]
+    assert results["runs"][0]["curve"][0]["cost"] == 2 * 400 and "reference" not in results
+    pool, test = simulate.build_segmentation_split(Config.fromfile(str(config)))
+    scans = {i.split("#")[0] for i in pool.ids}
+    assert (
+        len(pool.ids) == 12
+        and len(test.ids) == 6
+        and not scans & {i.split("#")[0] for i in test.ids}
+    )
