@@ -92,8 +92,9 @@ class MMSegAdapter(Adapter):
     mode): ``backbone`` (its output levels), ``neck`` if the model has one, ``decoder`` (the
     module that outputs the input of ``cls_seg``). A layer is listed only while the layers
     run shallow to deep (finest strides not decreasing, every layer's levels fine to
-    coarse); mmseg's ``UNet`` returns its decoder path coarse to fine (strides 16 to 1), so
-    a UNet segmentor exposes ``decoder`` alone.
+    coarse). mmseg's ``UNet`` returns its decoder path coarse to fine (strides 16 to 1), so a
+    UNet segmentor exposes its encoder stages instead, ``encoder0`` (stride 1) to
+    ``encoder4`` (stride 16): what LLAL reads.
     """
 
     task = "seg"
@@ -312,6 +313,13 @@ class MMSegAdapter(Adapter):
                 feats = self._seg.extract_feat(x)
             decoder, cls_input = infer.decoder_module(self._head, feats)
         levels = {name: as_levels(store[name]) for name in spec}
+        stages = getattr(self._seg.backbone, "encoder", None)
+        coarse_first = [t.shape[-1] for t in levels["backbone"]] != sorted(
+            (t.shape[-1] for t in levels["backbone"]), reverse=True
+        )
+        if coarse_first and isinstance(stages, nn.ModuleList):
+            # UNet: its output runs coarse to fine; its encoder stages run fine to coarse
+            return self._encoder_stages(stages, x), max(1, round(side / cls_input.shape[-1]))
         if decoder is not None:
             spec["decoder"] = f"decode_head.{decoder}"
             levels["decoder"] = (cls_input,)
@@ -322,6 +330,23 @@ class MMSegAdapter(Adapter):
             same = len(set(channels)) == 1
             infos.append(FeatureInfo(name, channels[0] if same else channels, strides, module))
         return _shallow_to_deep(infos), max(1, round(side / cls_input.shape[-1]))
+
+    def _encoder_stages(self, stages: nn.ModuleList, x: Tensor) -> list[FeatureInfo]:
+        """One layer per encoder stage (``encoder0`` ... from the input down), each the
+        output of ``backbone.encoder.<i>``."""
+        names = {f"encoder{i}": f"backbone.encoder.{i}" for i in range(len(stages))}
+        with torch.no_grad(), eval_mode(self._model), capture_outputs(self._model, names) as store:
+            self._seg.extract_feat(x)
+        side = x.shape[-1]
+        return [
+            FeatureInfo(
+                name,
+                int(as_levels(store[name])[0].shape[1]),
+                (max(1, round(side / as_levels(store[name])[0].shape[-1])),),
+                module,
+            )
+            for name, module in names.items()
+        ]
 
 
 def _shallow_to_deep(infos: list[FeatureInfo]) -> list[FeatureInfo]:

@@ -23,6 +23,7 @@ from mmseg.structures import SegDataSample
 from torch import nn
 
 from taskal.adapters import EnsembleAdapter, MMSegAdapter
+from taskal.llal.module import LossPredictionModule
 from taskal.registry import ADAPTERS, MODELS, build
 from taskal.types import Adapter, Batch, Units, same_units
 
@@ -193,16 +194,21 @@ class TestUNet(AdapterConformance):
         assert adapter.per_sample_loss(empty)[0] == 0.0
 
     def test_embedding_averages_the_decoder_over_each_image(self) -> None:
+        from taskal.adapters._mmseg_inference import capture_cls_input
+
         adapter, batch = _adapter(self.family), _batch()
         emb = adapter.embed(batch)
-        info = adapter.feature_info[-1]
-        fmap = adapter.features(batch, ["decoder"])["decoder"]
-        assert info.name == "decoder" and isinstance(fmap, torch.Tensor)
-        s = info.strides[0]
+        seg: Any = adapter.model
+        inputs, _ = adapter.preprocess(batch.inputs)
+        with torch.no_grad(), capture_cls_input(seg.decode_head) as store:
+            seg.eval()
+            seg.decode_head.forward(seg.extract_feat(inputs))
+        fmap = store[0]
+        s = round(inputs.shape[-1] / fmap.shape[-1])
         for i, (h, w) in enumerate(batch.image_sizes()):
             want = fmap[i, :, : -(-h // s), : -(-w // s)].mean((1, 2))
             assert torch.allclose(emb[i], want, atol=1e-6)
-        assert emb.shape == (2, info.level_channels[0])
+        assert emb.shape == (2, fmap.shape[1])
 
 
 def _windows(adapter: MMSegAdapter, batch: Batch) -> int:
@@ -244,11 +250,13 @@ class TestUNetEnsemble(AdapterConformance):
         return Batch([torch.zeros(3, 0, 16)], ["bad"])
 
 
-def test_unet_exposes_its_decoder_alone() -> None:
+def test_unet_exposes_its_encoder_stages_for_llal() -> None:
     adapter = _adapter("unet")
     info = adapter.feature_info
-    assert [f.name for f in info] == ["decoder"] and info[0].strides == (1,)
-    assert info[0].module.startswith("decode_head.")
+    assert [f.name for f in info] == [f"encoder{i}" for i in range(5)]
+    assert [f.strides for f in info] == [(1,), (2,), (4,), (8,), (16,)]
+    assert all(f.module == f"backbone.encoder.{i}" for i, f in enumerate(info))
+    LossPredictionModule(info, hidden=4)  # LLAL reads them: three maps or more
 
 
 def test_patch_regions_tile_each_image() -> None:
