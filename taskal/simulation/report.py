@@ -164,16 +164,30 @@ def format_reference_table(
     metric = results["metric"]
     reference = float(np.mean([r[metric] for r in results["reference"]]))
     heads = " | ".join(f"at {f:.0%} of the pool" for f in fractions)
+    dice = [r["mDice"] for r in results["reference"] if "mDice" in r]
+    also = f", mean Dice {np.mean(dice):.4f}" if dice else ""
     lines = [
-        f"Full supervision (whole pool, mean over seeds): {metric} {reference:.4f}.\n",
+        f"Full supervision (whole pool, mean over seeds): {metric} {reference:.4f}{also}.\n",
         f"| strategy | {heads} |",
         "|---|" + "---|" * len(fractions),
     ]
+    final_dice: dict[str, list[float]] = {
+        r["strategy"]: [] for r in results["runs"] if all("mDice" in p for p in r["curve"])
+    }
+    for r in results["runs"]:
+        if r["strategy"] in final_dice:
+            final_dice[r["strategy"]].append(r["curve"][-1]["mDice"])
+    if final_dice:
+        lines[1] += " final mean Dice |"
+        lines[2] += "---|"
     for name, c in curves_by_strategy(results).items():
         cells = []
         for f in fractions:
             got = fraction_of_reference(c, reference, f * total_cost)
             cells.append("outside the curve" if got is None else f"{got:.1%}")
+        if final_dice:
+            values = final_dice.get(name)
+            cells.append(f"{np.mean(values):.4f}" if values else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

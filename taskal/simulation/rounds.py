@@ -78,6 +78,11 @@ class RoundLoop:
         """The curve's metric on the held-out split."""
         raise NotImplementedError
 
+    def extra_metrics(self) -> dict[str, float]:
+        """More metrics of the model :meth:`evaluate` just scored, recorded beside
+        ``metric`` in the curve (none by default)."""
+        return {}
+
     def annotation_cost(self, labeled: Labeled) -> float | None:
         """What labeling ``labeled`` cost (recorded as the curve's ``cost``); ``None`` when
         the task counts labels only."""
@@ -121,6 +126,7 @@ class RoundLoop:
             adapter = self.train(strategy, current, seed, r)
             train_seconds = time.perf_counter() - t0
             metric = self.evaluate(adapter)
+            extra = self.extra_metrics()
             select_seconds = 0.0
             if r < cfg.rounds:
                 t1 = time.perf_counter()
@@ -137,6 +143,7 @@ class RoundLoop:
                 "metric": metric,
                 "select_seconds": select_seconds,
                 "train_seconds": train_seconds,
+                **extra,
             }
             if isinstance(current, LabelState):
                 point["regions"] = sum(len(v) for v in current.partial.values())

@@ -171,8 +171,12 @@ class SegmentationSimulation(RoundLoop):
         return float(cost)
 
     def evaluate(self, adapter: Adapter) -> float:
-        """mIoU on the test split."""
-        return self.metrics(adapter)["mIoU"]
+        """mIoU on the test split (its mean Dice is recorded beside it)."""
+        self._last = self.metrics(adapter)
+        return self._last["mIoU"]
+
+    def extra_metrics(self) -> dict[str, float]:
+        return {"mDice": float(self._last["mDice"])}
 
     def metrics(self, adapter: Adapter) -> dict[str, Any]:
         return segmentation_metrics(adapter, self.test, batch_size=self.cfg.batch_size)

@@ -201,6 +201,7 @@ def test_segmentation_task_writes_miou_pixels_and_the_reference(tmp_path: Path) 
             "train.epochs=1",
             "train.min_epoch_items=4",
             "al.regions.n_segments=9",
+            "al.region_caps.max_item_share=0.5",  # 24x24 images: a superpixel is ~11 %
         ]
     )
     assert results["task"] == "seg" and results["metric"] == "mIoU"
@@ -209,13 +210,16 @@ def test_segmentation_task_writes_miou_pixels_and_the_reference(tmp_path: Path) 
         "entropy",
         "random_regions",
         "entropy_regions",
+        "ripu_regions",
     ]
     costs = {r["strategy"]: [p["cost"] for p in r["curve"]] for r in results["runs"]}
     assert costs["random"] == [2 * 576, 3 * 576]
     assert all(c[0] == 2 * 576 and 2 * 576 < c[1] <= 3 * 576 for c in costs.values())
     assert [r["seed"] for r in results["reference"]] == [0] and results["pool_cost"] == 8 * 576
+    assert all("mDice" in p for r in results["runs"] for p in r["curve"])
     summary = (out / "summary.md").read_text()
     assert "pixels to reach random's final" in summary and "Full supervision" in summary
+    assert "mean Dice" in summary and "final mean Dice" in summary
 
 
 def test_segmentation_on_nifti_slices_splits_by_scan(tmp_path: Path) -> None:
