@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -98,34 +98,36 @@ class MMDetTrainConfig:
     pipeline: list[dict[str, Any]] | None = None
     save_checkpoint: bool = False
 
+    where: ClassVar[str] = "mmdet_train"
+
     def __post_init__(self) -> None:
         if not str(self.work_dir):
-            raise ValueError("mmdet_train.work_dir must be a folder path, got an empty string")
+            raise ValueError(f"{self.where}.work_dir must be a folder path, got an empty string")
         self.work_dir = Path(self.work_dir)
         for name in ("max_epochs", "batch_size"):
             value = getattr(self, name)
             if value is not None and not (is_int(value) and value >= 1):
-                raise ValueError(f"mmdet_train.{name} must be an int >= 1 or None, got {value!r}")
+                raise ValueError(f"{self.where}.{name} must be an int >= 1 or None, got {value!r}")
         if self.lr is not None and not (
             isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0
         ):
-            raise ValueError(f"mmdet_train.lr must be a finite number > 0 or None, got {self.lr}")
+            raise ValueError(f"{self.where}.lr must be a finite number > 0 or None, got {self.lr}")
         if not (is_int(self.min_epoch_items) and self.min_epoch_items >= 0):
             raise ValueError(
-                f"mmdet_train.min_epoch_items must be an int >= 0, got {self.min_epoch_items!r}"
+                f"{self.where}.min_epoch_items must be an int >= 0, got {self.min_epoch_items!r}"
             )
         if self.num_workers is not None and not (
             is_int(self.num_workers) and self.num_workers >= 0
         ):
             raise ValueError(
-                f"mmdet_train.num_workers must be an int >= 0 or None, got {self.num_workers!r}"
+                f"{self.where}.num_workers must be an int >= 0 or None, got {self.num_workers!r}"
             )
         if self.pipeline is not None and not (
             isinstance(self.pipeline, Sequence)
             and all(isinstance(t, Mapping) and "type" in t for t in self.pipeline)
         ):
             raise ValueError(
-                "mmdet_train.pipeline must be None or a list of transform dicts with a 'type', "
+                f"{self.where}.pipeline must be None or a list of transform dicts with a 'type', "
                 f"got {self.pipeline!r}"
             )
 
@@ -273,7 +275,24 @@ def resolve_config(
         )
     if train_cfg.max_epochs is not None:
         loop["max_epochs"] = train_cfg.max_epochs
+    _training_only(out, train_cfg, seed, "mmdet", "DetLocalVisualizer")
     loader = out.train_dataloader
+    loader["dataset"] = _labeled_dataset(loader["dataset"], pool, Path(ann_file), train_cfg)
+    items = _epoch_items(loader["dataset"], pool)
+    times = -(-train_cfg.min_epoch_items // items)
+    if times > 1:
+        loader["dataset"] = dict(type="RepeatDataset", times=times, dataset=loader["dataset"])
+    _set_hooks(out, train_cfg, -(-items * max(times, 1) // loader["batch_size"]))
+    return out
+
+
+def _training_only(
+    cfg: Config, train_cfg: MMDetTrainConfig, seed: int, scope: str, visualizer_type: str
+) -> None:
+    """In place: ``train_cfg``'s batch size, workers and learning rate; no validation or
+    test; a local visualizer (``visualizer_type`` when the config has none) under a unique
+    experiment name; the seed, ``default_scope=scope`` and a non-distributed fresh run."""
+    loader = cfg.train_dataloader
     if train_cfg.batch_size is not None:
         loader["batch_size"] = train_cfg.batch_size
     if train_cfg.num_workers is not None:
@@ -281,31 +300,24 @@ def resolve_config(
     if loader.get("num_workers", 0) == 0:
         loader["persistent_workers"] = False  # torch refuses it without workers
     if train_cfg.lr is not None:
-        out.optim_wrapper.optimizer["lr"] = train_cfg.lr
-    loader["dataset"] = _labeled_dataset(loader["dataset"], pool, Path(ann_file), train_cfg)
-    items = _epoch_items(loader["dataset"], pool)
-    times = -(-train_cfg.min_epoch_items // items)
-    if times > 1:
-        loader["dataset"] = dict(type="RepeatDataset", times=times, dataset=loader["dataset"])
+        cfg.optim_wrapper.optimizer["lr"] = train_cfg.lr
     for key in _EVAL_KEYS:
-        out[key] = None
-    _set_hooks(out, train_cfg, -(-items * max(times, 1) // loader["batch_size"]))
-    name = f"taskal_mmdet_{uuid.uuid4().hex[:12]}"
-    visualizer = dict(out.get("visualizer") or dict(type="DetLocalVisualizer"))
+        cfg[key] = None
+    name = f"taskal_{scope}_{uuid.uuid4().hex[:12]}"
+    visualizer = dict(cfg.get("visualizer") or dict(type=visualizer_type))
     visualizer.update(name=name, vis_backends=[dict(type="LocalVisBackend")])
     visualizer.pop("save_dir", None)  # the Runner's default: the run's folder in work_dir
-    out.merge_from_dict(
+    cfg.merge_from_dict(
         dict(
             work_dir=str(train_cfg.work_dir),
             experiment_name=name,
             randomness=dict(seed=seed, deterministic=False),
-            default_scope="mmdet",
+            default_scope=scope,
             launcher="none",
             resume=False,
         )
     )
-    out["visualizer"] = visualizer
-    return out
+    cfg["visualizer"] = visualizer
 
 
 def _labeled_dataset(
@@ -369,14 +381,16 @@ def _epoch_items(dataset_cfg: Mapping[str, Any], pool: CocoDetectionPool) -> int
 
 
 def _set_hooks(cfg: Config, train_cfg: MMDetTrainConfig, iters_per_epoch: int) -> None:
-    """Checkpoint, visualization and logging hooks for a training-only run."""
+    """Checkpoint, visualization and logging hooks for a training-only run (the logger's
+    interval at most ``iters_per_epoch``)."""
     hooks = dict(cfg.get("default_hooks") or {})
     hooks.pop("visualization", None)  # draws only in validation and test, which are gone
-    if train_cfg.save_checkpoint:
-        epochs = int(cfg.train_cfg["max_epochs"])
+    if train_cfg.save_checkpoint:  # at the end of an epoch- or an iteration-based loop
+        by_epoch = "max_iters" not in cfg.train_cfg
         hooks["checkpoint"] = dict(
             type="CheckpointHook",
-            interval=epochs,
+            by_epoch=by_epoch,
+            interval=int(cfg.train_cfg["max_epochs" if by_epoch else "max_iters"]),
             save_optimizer=False,
             save_param_scheduler=False,
             save_last=True,
@@ -392,7 +406,15 @@ def _set_hooks(cfg: Config, train_cfg: MMDetTrainConfig, iters_per_epoch: int) -
 
 
 class _FiniteLossHook(Hook):
-    """Stop training at the first non-finite loss, with advice (mmengine goes on silently)."""
+    """Stop training at the first non-finite loss, with advice (mmengine goes on silently).
+
+    Args:
+        what: the loss's name in the message.
+        config: the class whose ``lr`` the message advises to lower.
+    """
+
+    def __init__(self, what: str = "detection loss", config: str = "MMDetTrainConfig") -> None:
+        self.what, self.config = what, config
 
     def after_train_iter(
         self,
@@ -407,9 +429,9 @@ class _FiniteLossHook(Hook):
         parts = {k: round(v, 4) for k, v in values.items()}
         lr = runner.optim_wrapper.get_lr()
         raise FloatingPointError(
-            f"the detection loss became {values['loss']} at iteration {runner.iter + 1} "
+            f"the {self.what} became {values['loss']} at iteration {runner.iter + 1} "
             f"(epoch {runner.epoch + 1}, {parts}, lr {lr}); training stopped and the weights are "
-            "no longer finite. Lower MMDetTrainConfig.lr, lengthen the warm-up in "
+            f"no longer finite. Lower {self.config}.lr, lengthen the warm-up in "
             "param_scheduler or clip gradients with optim_wrapper.clip_grad="
             "dict(max_norm=35, norm_type=2)"
         )
