@@ -202,19 +202,19 @@ def _volume_split(kind: str, spec: dict[str, Any], cfg: Any) -> tuple[Any, Any]:
     return data.subset(pool_ids), data.subset(test_ids)
 
 
-def detector_fields(cfg: Any) -> dict[str, Any]:
-    """A det config's detector: a torchvision ``model``, or an ``mmdet_config`` file with its
-    ``mmdet_cfg_options``, ``mmdet_train`` and ``work_dir`` (the paths relative to the
-    repository, as ``dataset.root``). :class:`DetSimulationConfig` checks that exactly one
-    detector is given."""
+def model_fields(cfg: Any, lib: str) -> dict[str, Any]:
+    """A config's model: a torchvision ``model``, or an OpenMMLab config file
+    (``<lib>_config``, e.g. ``mmdet_config``) with its ``<lib>_cfg_options``,
+    ``<lib>_train`` and ``work_dir`` (the paths relative to the repository, as
+    ``dataset.root``). The task's simulation config checks that exactly one is given."""
     fields: dict[str, Any] = {}
     if cfg.get("model") is not None:
         fields["model"] = dict(cfg.model)
-    for key in ("mmdet_config", "work_dir"):
+    for key in (f"{lib}_config", "work_dir"):
         if cfg.get(key) is not None:
             path = Path(cfg[key])
             fields[key] = str(path if path.is_absolute() else ROOT / path)
-    for key in ("mmdet_cfg_options", "mmdet_train"):
+    for key in (f"{lib}_cfg_options", f"{lib}_train"):
         if cfg.get(key) is not None:
             fields[key] = cfg[key].to_dict() if hasattr(cfg[key], "to_dict") else dict(cfg[key])
     return fields
@@ -236,7 +236,7 @@ def build_simulation(cfg: Any, progress: bool) -> tuple[Any, Any, Any, str]:
     task = cfg.get("task", "cls")
     if task == "det":
         det_cfg = DetSimulationConfig(
-            **detector_fields(cfg),
+            **model_fields(cfg, "mmdet"),
             train=dict(cfg.get("train", {})),
             llal=dict(cfg.get("llal", {})),
             batch_size=cfg.get("batch_size", 8),
@@ -248,7 +248,7 @@ def build_simulation(cfg: Any, progress: bool) -> tuple[Any, Any, Any, str]:
         return DetectionSimulation(det_cfg, pool, test), pool, test, "mAP"
     if task == "seg":
         seg_cfg = SegSimulationConfig(
-            model=dict(cfg.model),
+            **model_fields(cfg, "mmseg"),
             adapter=dict(cfg.get("adapter", {})),
             train=dict(cfg.get("train", {})),
             llal=dict(cfg.get("llal", {})),

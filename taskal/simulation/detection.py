@@ -31,7 +31,6 @@ import contextlib
 import copy
 import dataclasses
 import re
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,13 @@ from taskal.llal.mmdet import LLALDetector, LLALStopGradHook
 from taskal.llal.module import LossPredictionModule
 from taskal.partial import PartialDetectionPool
 from taskal.queries import LabelState, Query
-from taskal.simulation.loop import _dataclass_from, query_kinds, resolve_strategies
+from taskal.simulation.loop import (
+    _dataclass_from,
+    load_openmmlab_config,
+    query_kinds,
+    resolve_strategies,
+    run_dir,
+)
 from taskal.simulation.rounds import Labeled, RoundLoop, mix_seed
 from taskal.strategies.base import QueryStrategy
 from taskal.training import LLALConfig
@@ -141,7 +146,12 @@ class DetSimulationConfig:
         self.mmdet_cfg: Config | None = None
         self.mmdet_train_cfg: MMDetTrainConfig | None = None
         if self.mmdet_config is not None:
-            self.mmdet_cfg = _load_mmdet_config(self.mmdet_config, self.mmdet_cfg_options)
+            self.mmdet_cfg = load_openmmlab_config(
+                self.mmdet_config,
+                self.mmdet_cfg_options,
+                "mmdet_config",
+                "configs/det/retinanet_r18_synthetic.py",
+            )
             if "work_dir" in self.mmdet_train:
                 raise ValueError(
                     "mmdet_train does not take work_dir: set work_dir beside it (each "
@@ -370,34 +380,14 @@ class DetectionSimulation(RoundLoop):
     def _run_dir(self, strategy: QueryStrategy, seed: int, r: int) -> Iterator[Path]:
         """``<work_dir>/<strategy>_seed<seed>_round<r>``, or a temporary folder removed on exit."""
         label = next((name for name, s in self.strategies if s is strategy), "train")
-        name = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', label)}_seed{seed}_round{r}"
-        if self.cfg.work_dir is not None:
-            yield Path(self.cfg.work_dir) / name
-            return
-        with tempfile.TemporaryDirectory(prefix="taskal_mmdet_") as tmp:
-            yield Path(tmp) / name
+        with run_dir(self.cfg.work_dir, f"{label}_seed{seed}_round{r}", "taskal_mmdet_") as d:
+            yield d
 
     def _num_classes(self, model_cfg: dict[str, Any]) -> dict[str, Any]:
         name = str(model_cfg.get("name", model_cfg.get("arch", "")))
         background = 1 if name.startswith(("fasterrcnn", "faster_rcnn")) else 0
         model_cfg.setdefault("num_classes", len(self.pool.classes) + background)
         return model_cfg
-
-
-def _load_mmdet_config(path: str, options: Mapping[str, Any]) -> Config:
-    """``Config.fromfile(path)`` with ``options`` merged in; a clear error for a missing file."""
-    if not Path(path).is_file():
-        raise ValueError(
-            f"mmdet_config {path!r} is not a file; give the path of an mmdet config, e.g. "
-            "'configs/det/retinanet_r18_synthetic.py' (relative paths are read from the "
-            "working directory)"
-        )
-    cfg = Config.fromfile(path)
-    if options:
-        cfg.merge_from_dict(dict(options))
-    if not isinstance(cfg.get("model"), Mapping):
-        raise ValueError(f"mmdet_config {path!r} defines no model dict")
-    return cfg
 
 
 def _check_mmdet_classes(cfg: Config, classes: Sequence[str], path: str) -> None:

@@ -7,11 +7,17 @@ what the strategies select. Random sampling always runs as the baseline.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from mmengine.config import Config
 
 from taskal.adapters import EnsembleAdapter
 from taskal.data.pool import TensorPool
@@ -121,6 +127,33 @@ RUN_KEYS = ("name", "query")
 def _strategy_cfg(spec: Any) -> Any:
     """A strategy entry without the keys that configure the run (``name``, ``query``)."""
     return spec if isinstance(spec, str) else {k: v for k, v in spec.items() if k not in RUN_KEYS}
+
+
+def load_openmmlab_config(path: str, options: Mapping[str, Any], key: str, example: str) -> Config:
+    """``Config.fromfile(path)`` with ``options`` merged in (as ``--cfg-options``), with a
+    clear error naming ``key`` for a missing file or a config without a model."""
+    if not Path(path).is_file():
+        raise ValueError(
+            f"{key} {path!r} is not a file; give the path of a config, e.g. {example!r} "
+            "(relative paths are read from the working directory)"
+        )
+    cfg = Config.fromfile(path)
+    if options:
+        cfg.merge_from_dict(dict(options))
+    if not isinstance(cfg.get("model"), Mapping):
+        raise ValueError(f"{key} {path!r} defines no model dict")
+    return cfg
+
+
+@contextlib.contextmanager
+def run_dir(work_dir: str | None, name: str, prefix: str) -> Iterator[Path]:
+    """``<work_dir>/<name>`` (a safe file name), or a temporary folder removed on exit."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    if work_dir is not None:
+        yield Path(work_dir) / name
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp) / name
 
 
 def _sampling_of(spec: Any) -> str:

@@ -10,30 +10,44 @@ entry, regions (patches or SLIC superpixels, :class:`~taskal.adapters._segmentat
 pool hold on average, so both kinds buy the same pixels each round). The oracle answers a
 region with its true labels (or one class per region, ``label="dominant"``), and the model
 trains on whole images whose unlabeled pixels carry 255
-(:class:`~taskal.partial.PartialSegmentationPool`). The curve's ``cost`` is the labeled
-pixels. With ``reference=True`` each seed also trains one model on the whole pool: the
+(:class:`~taskal.partial.PartialSegmentationPool`). The model is a torchvision segmenter
+(``model``, trained by :func:`~taskal.training_seg.train_segmenter`) or an mmseg config
+(``mmseg_config``, trained through mmengine's Runner by
+:func:`~taskal.training_mmseg.train_mmseg`, scored by
+:class:`~taskal.adapters.MMSegAdapter`). The curve's ``cost`` is the labeled pixels.
+With ``reference=True`` each seed also trains one model on the whole pool: the
 full-supervision mIoU that curves are read against.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from mmengine.config import Config
 
 from taskal.adapters._segmentation import PixelRegions
+from taskal.adapters.mmseg_segmentation import MMSegAdapter
 from taskal.adapters.torchvision_segmentation import TorchvisionSegmentationAdapter
 from taskal.evaluation.segmentation import segmentation_metrics
 from taskal.llal.module import LossPredictionModule
 from taskal.partial import PartialSegmentationPool
 from taskal.queries import LabelState
 from taskal.selector import Selector
-from taskal.simulation.loop import _dataclass_from, query_kinds, resolve_strategies
+from taskal.simulation.loop import (
+    _dataclass_from,
+    load_openmmlab_config,
+    query_kinds,
+    resolve_strategies,
+    run_dir,
+)
 from taskal.simulation.rounds import Labeled, RoundLoop, mix_seed
 from taskal.strategies.base import QueryStrategy
 from taskal.training import LLALConfig
+from taskal.training_mmseg import MMSegTrainConfig, train_mmseg
 from taskal.training_seg import SegTrainConfig, train_segmenter
 from taskal.types import Adapter, ItemId
 
@@ -51,6 +65,17 @@ class SegSimulationConfig:
         seeds: one run per seed and strategy.
         model: a :data:`~taskal.registry.MODELS` config of a torchvision segmenter, e.g.
             ``dict(type="small_segmenter", arch="fcn")``; ``num_classes`` comes from the data.
+            Give either ``model`` or ``mmseg_config``.
+        mmseg_config: path of an mmseg 1.x config file (e.g.
+            ``configs/seg/unet_s5_synthetic_medical.py``), trained each round by
+            :func:`~taskal.training_mmseg.train_mmseg` with the config's own schedule and
+            scored by :class:`~taskal.adapters.MMSegAdapter`; its heads' ``num_classes``
+            must be the pool's.
+        mmseg_cfg_options: entries merged into the mmseg config after loading it.
+        mmseg_train: :class:`~taskal.training_mmseg.MMSegTrainConfig` fields but
+            ``work_dir`` (``max_iters``, ``batch_size``, ``lr``, ...).
+        work_dir: where the Runner's runs go with ``mmseg_config`` (one subfolder per
+            training); ``None``: a temporary folder per training.
         adapter: extra :class:`~taskal.adapters.TorchvisionSegmentationAdapter` arguments
             (``dropout_p``, ``mean``, ``std``, ``size_divisor``).
         regions: :class:`PixelRegions` fields (``kind``, ``patch``, ``n_segments``,
@@ -74,7 +99,11 @@ class SegSimulationConfig:
     budget: int = 8
     rounds: int = 4
     seeds: list[int] = field(default_factory=lambda: [0])
-    model: dict[str, Any] = field(default_factory=lambda: {"type": "small_segmenter"})
+    model: dict[str, Any] = field(default_factory=dict)
+    mmseg_config: str | None = None
+    mmseg_cfg_options: dict[str, Any] = field(default_factory=dict)
+    mmseg_train: dict[str, Any] = field(default_factory=dict)
+    work_dir: str | None = None
     adapter: dict[str, Any] = field(default_factory=dict)
     regions: dict[str, Any] = field(default_factory=dict)
     region_budget: float | None = None
@@ -96,7 +125,32 @@ class SegSimulationConfig:
             raise ValueError(f"rounds must be a non-negative integer, got {self.rounds!r}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
-        if "type" not in self.model:
+        if bool(self.model) == (self.mmseg_config is not None):
+            raise ValueError(
+                "give exactly one model: model (a MODELS config of a torchvision segmenter, "
+                "e.g. dict(type='small_segmenter', arch='fcn')) or mmseg_config (an mmseg "
+                f"config file); got model={self.model!r}, mmseg_config={self.mmseg_config!r}"
+            )
+        self.mmseg_cfg: Config | None = None
+        self.mmseg_train_cfg: MMSegTrainConfig | None = None
+        if self.mmseg_config is not None:
+            self.mmseg_cfg = load_openmmlab_config(
+                self.mmseg_config,
+                self.mmseg_cfg_options,
+                "mmseg_config",
+                "configs/seg/unet_s5_synthetic_medical.py",
+            )
+            if "work_dir" in self.mmseg_train:
+                raise ValueError("mmseg_train does not take work_dir: set work_dir beside it")
+            train = {"work_dir": ".", **self.mmseg_train}
+            self.mmseg_train_cfg = _dataclass_from(MMSegTrainConfig, train, "mmseg_train")
+            if self.train:
+                raise ValueError(
+                    "train configures the torchvision model's training; an mmseg_config "
+                    "trains with its own schedule, changed by mmseg_train (max_iters, "
+                    f"batch_size, lr, ...), got train={self.train!r}"
+                )
+        elif "type" not in self.model:
             raise ValueError(
                 "model must be a MODELS config of a torchvision segmenter, e.g. "
                 f"dict(type='small_segmenter', arch='fcn'), got {self.model!r}"
@@ -123,6 +177,11 @@ class SegSimulationConfig:
             )
         Selector("random", query="region", **self.region_caps)  # checks the shares
         for label, strategy in resolve_strategies(self.strategies):
+            if self.mmseg_cfg is not None and "loss_pred" in strategy.needs:
+                raise ValueError(
+                    f"strategy {label!r} needs a loss predictor trained with the model, which "
+                    "the simulation builds for torchvision segmenters only; drop it or use model"
+                )
             if strategy.sampling == "ensemble":
                 raise ValueError(
                     f"strategy {label!r} scores a deep ensemble, which the segmentation "
@@ -204,7 +263,9 @@ class SegmentationSimulation(RoundLoop):
 
     def _fit(
         self, strategy: QueryStrategy | None, pool: Any, ids: list[ItemId], seed: int, r: int
-    ) -> TorchvisionSegmentationAdapter:
+    ) -> Adapter:
+        if self.cfg.mmseg_cfg is not None:
+            return self._fit_mmseg(strategy, pool, ids, seed, r)
         cfg = self.cfg
         torch.manual_seed(mix_seed(seed, r, 0))
         model_cfg = {"num_classes": len(self.pool.classes), **copy.deepcopy(cfg.model)}
@@ -217,6 +278,28 @@ class SegmentationSimulation(RoundLoop):
         g = torch.Generator().manual_seed(mix_seed(seed, r, 2))
         train_segmenter(adapter, pool, ids, cfg.train_cfg, g, False, llal, cfg.llal_cfg)
         return adapter
+
+    def _fit_mmseg(
+        self, strategy: QueryStrategy | None, pool: Any, ids: list[ItemId], seed: int, r: int
+    ) -> MMSegAdapter:
+        """The mmseg config's segmentor, wrapped first (the adapter's dropout is trained in),
+        then trained by ``train_mmseg`` with the same seed for every strategy."""
+        cfg = self.cfg
+        assert cfg.mmseg_cfg is not None and cfg.mmseg_train_cfg is not None
+        init_seed = mix_seed(seed, r, 0) % 2**31  # the Runner seeds numpy: 32 bits at most
+        torch.manual_seed(init_seed)
+        adapter = MMSegAdapter(
+            copy.deepcopy(dict(cfg.mmseg_cfg.model)), regions=cfg.pixel_regions, device=cfg.device
+        )
+        label = "reference" if strategy is None else self._label(strategy)
+        with run_dir(cfg.work_dir, f"{label}_seed{seed}_round{r}", "taskal_mmseg_") as work:
+            train_cfg = dataclasses.replace(cfg.mmseg_train_cfg, work_dir=str(work))
+            train_mmseg(cfg.mmseg_cfg, pool, ids, train_cfg, init_seed, adapter.model)
+        adapter.model.to(torch.device(cfg.device))
+        return adapter
+
+    def _label(self, strategy: QueryStrategy) -> str:
+        return next((name for name, s in self.strategies if s is strategy), "train")
 
     def _partial_pool(self, state: LabelState) -> PartialSegmentationPool:
         return PartialSegmentationPool(self.pool, state, self.cfg.pixel_regions, self.cfg.label)
