@@ -9,7 +9,7 @@ them as background. mmdet models train through mmengine's Runner instead.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -133,21 +133,15 @@ def train_detector(
         llal.to(device).train()
         params += list(llal.parameters())
     stop_epoch = llal_cfg.stop_grad_epoch(cfg.epochs)
-    optim = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: warmup_factor(step, cfg))
-    n = len(ids)
-    per_epoch = max(n, cfg.min_epoch_items)
+    optim, warmup = sgd_with_warmup(params, cfg)
     stats: dict[str, float] = {}
     model.train()
     try:
         for epoch in tqdm(range(cfg.epochs), desc="train det", disable=not progress, leave=False):
-            order = torch.cat(
-                [torch.randperm(n, generator=generator) for _ in range(-(-per_epoch // n))]
-            )[:per_epoch].tolist()
             totals: dict[str, float] = {}
             steps = 0
-            for start in range(0, per_epoch, cfg.batch_size):
-                batch = pool.take([ids[i] for i in order[start : start + cfg.batch_size]])
+            for part in epoch_batches(ids, cfg, generator):
+                batch = pool.take(part)
                 if llal is None:
                     losses = _step(adapter, batch, device, optim, epoch, cfg)
                 else:
@@ -165,6 +159,29 @@ def train_detector(
     if llal is not None:
         adapter.attach_loss_predictor(llal)
     return stats
+
+
+def sgd_with_warmup(
+    params: list[Any], cfg: DetTrainConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD with ``cfg``'s lr, momentum and weight decay, and its linear warm-up (step the
+    scheduler once per batch)."""
+    optim = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return optim, torch.optim.lr_scheduler.LambdaLR(optim, lambda s: warmup_factor(s, cfg))
+
+
+def epoch_batches(
+    ids: Sequence[ItemId], cfg: DetTrainConfig, generator: torch.Generator
+) -> Iterator[list[ItemId]]:
+    """One epoch's batches of ids: ``max(len(ids), cfg.min_epoch_items)`` items, whole
+    shuffles of ``ids`` drawn with ``generator`` and cut to length, ``cfg.batch_size`` a
+    batch."""
+    n = len(ids)
+    per_epoch = max(n, cfg.min_epoch_items)
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-per_epoch // n))])
+    order = order[:per_epoch]
+    for start in range(0, per_epoch, cfg.batch_size):
+        yield [ids[int(i)] for i in order[start : start + cfg.batch_size]]
 
 
 def check_labeled_ids(
@@ -295,6 +312,8 @@ __all__ = [
     "DetTrainConfig",
     "backward_step",
     "check_labeled_ids",
+    "epoch_batches",
+    "sgd_with_warmup",
     "train_detector",
     "warmup_factor",
 ]

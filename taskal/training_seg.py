@@ -30,7 +30,8 @@ from taskal.training_det import (
     DetTrainConfig,
     backward_step,
     check_labeled_ids,
-    warmup_factor,
+    epoch_batches,
+    sgd_with_warmup,
 )
 from taskal.types import Batch, ItemId
 
@@ -91,21 +92,15 @@ def train_segmenter(
         llal.to(next(model.parameters()).device).train()
         params += list(llal.parameters())
     stop_epoch = llal_cfg.stop_grad_epoch(cfg.epochs)
-    optim = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: warmup_factor(step, cfg))
-    n = len(ids)
-    per_epoch = max(n, cfg.min_epoch_items)
+    optim, warmup = sgd_with_warmup(params, cfg)
     stats: dict[str, float] = {}
     model.train()
     try:
         for epoch in tqdm(range(cfg.epochs), desc="train seg", disable=not progress, leave=False):
-            order = torch.cat(
-                [torch.randperm(n, generator=generator) for _ in range(-(-per_epoch // n))]
-            )[:per_epoch].tolist()
             totals: dict[str, float] = {}
             steps = 0
-            for start in range(0, per_epoch, cfg.batch_size):
-                batch = pool.take([ids[i] for i in order[start : start + cfg.batch_size]])
+            for part in epoch_batches(ids, cfg, generator):
+                batch = pool.take(part)
                 if cfg.flip:
                     batch = _flip(batch, generator)
                 detach = epoch >= stop_epoch

@@ -53,6 +53,7 @@ from taskal.partial import PartialDetectionPool
 from taskal.queries import LabelState, Query
 from taskal.simulation.loop import (
     _dataclass_from,
+    check_round_settings,
     load_openmmlab_config,
     query_kinds,
     resolve_strategies,
@@ -132,14 +133,7 @@ class DetSimulationConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("initial", "budget", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.rounds, int) or self.rounds < 0:
-            raise ValueError(f"rounds must be a non-negative integer, got {self.rounds!r}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
+        check_round_settings(self)
         self._check_detector()
         self.train_cfg = _dataclass_from(DetTrainConfig, self.train, "train")
         self.llal_cfg = _dataclass_from(LLALConfig, self.llal, "al.llal")

@@ -145,6 +145,19 @@ def load_openmmlab_config(path: str, options: Mapping[str, Any], key: str, examp
     return cfg
 
 
+def check_round_settings(cfg: Any) -> None:
+    """``initial``, ``budget`` and ``batch_size`` positive ints, ``rounds`` >= 0, distinct
+    ``seeds``: the round sizes every task's simulation config shares."""
+    for name in ("initial", "budget", "batch_size"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(cfg.rounds, int) or cfg.rounds < 0:
+        raise ValueError(f"rounds must be a non-negative integer, got {cfg.rounds!r}")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ValueError(f"seeds must be a non-empty list of distinct ints, got {cfg.seeds}")
+
+
 @contextlib.contextmanager
 def run_dir(work_dir: str | None, name: str, prefix: str) -> Iterator[Path]:
     """``<work_dir>/<name>`` (a safe file name), or a temporary folder removed on exit."""

@@ -39,6 +39,7 @@ from taskal.queries import LabelState
 from taskal.selector import Selector
 from taskal.simulation.loop import (
     _dataclass_from,
+    check_round_settings,
     load_openmmlab_config,
     query_kinds,
     resolve_strategies,
@@ -117,14 +118,7 @@ class SegSimulationConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("initial", "budget", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.rounds, int) or self.rounds < 0:
-            raise ValueError(f"rounds must be a non-negative integer, got {self.rounds!r}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
+        check_round_settings(self)
         if bool(self.model) == (self.mmseg_config is not None):
             raise ValueError(
                 "give exactly one model: model (a MODELS config of a torchvision segmenter, "
