@@ -55,6 +55,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace results in --output-dir")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(
+        "--summarize",
+        metavar="DIR",
+        help="only rewrite DIR's summary.md and learning_curve.png from its results.json",
+    )
+    p.add_argument(
         "--cfg-options",
         nargs="+",
         default={},
@@ -281,8 +286,10 @@ def _shown(path: str) -> str:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     from taskal.registry import import_custom_modules
-    from taskal.simulation import format_reference_table, format_table, plot_curves, summarize
 
+    if args.summarize:
+        summarize_folder(args.summarize)
+        return {}
     cfg = load_config(args)
     import_custom_modules(cfg)
     sim, pool, test, metric = build_simulation(cfg, progress=not args.no_progress)
@@ -299,28 +306,65 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "task": cfg.get("task", "cls"),
         "metric": metric,
+        "config": _shown(args.config),
+        "pool_size": len(pool.ids),
+        "test_size": len(test.ids),
         "runs": sim.run(),
     }
     if getattr(sim.cfg, "reference", False):  # segmentation: full supervision per seed
         results["reference"] = sim.reference_runs()
         results["pool_cost"] = sim.total_pixels
+    results["cost_unit"] = getattr(sim, "cost_unit", None)
+    results["seconds"] = round(time.perf_counter() - started)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    rows = summarize(results)
-    table = format_table(rows, results["metric"], cost=getattr(sim, "cost_unit", None))
-    if "reference" in results:
-        table += "\n" + format_reference_table(results, results["pool_cost"])
-    plot_curves(results, out / "learning_curve.png")
-    elapsed = time.perf_counter() - started
-    (out / "summary.md").write_text(
-        f"# Simulation summary\n\nconfig: `{_shown(args.config)}`; {len(pool.ids)} pool / "
-        f"{len(test.ids)} test items; {elapsed:.0f} s in all.\n\n{table}"
-    )
+    table = write_summary(results, out)
     print(table)
     print(
-        f"[simulate] wrote {out}/results.json, learning_curve.png, summary.md ({elapsed:.0f} s)",
+        f"[simulate] wrote {out}/results.json, learning_curve.png, summary.md "
+        f"({results['seconds']} s)",
         file=sys.stderr,
     )
     return results
+
+
+def write_summary(results: dict[str, Any], out: Path) -> str:
+    """``summary.md`` and ``learning_curve.png`` of ``results`` in ``out``; returns the
+    tables. Deterministic given ``results.json``, so ``--summarize`` rewrites them."""
+    from taskal.simulation import format_reference_table, format_table, plot_curves, summarize
+
+    rows = summarize(results)
+    table = format_table(rows, results["metric"], cost=results.get("cost_unit"))
+    if "reference" in results:
+        table += "\n" + format_reference_table(results, results["pool_cost"])
+    plot_curves(results, out / "learning_curve.png")
+    (out / "summary.md").write_text(
+        f"# Simulation summary\n\nconfig: `{results['config']}`; {results['pool_size']} pool / "
+        f"{results['test_size']} test items; {results['seconds']:.0f} s in all.\n\n{table}"
+    )
+    return table
+
+
+def summarize_folder(folder: str) -> None:
+    """Rewrite ``summary.md`` and ``learning_curve.png`` of a finished run from its
+    ``results.json`` (runs written before taskal recorded the config, sizes and seconds
+    there take them from the old ``summary.md``)."""
+    import re
+
+    out = Path(folder)
+    if not (out / "results.json").is_file():
+        raise SystemExit(f"{out / 'results.json'} does not exist; pass a simulation's output dir")
+    results = json.loads((out / "results.json").read_text())
+    old = (out / "summary.md").read_text() if (out / "summary.md").is_file() else ""
+    found = re.search(r"config: `([^`]*)`; (\d+) pool / (\d+) test items; (\d+) s in all", old)
+    if "seconds" not in results:
+        if found is None:
+            raise SystemExit(f"{out} records no config, sizes or seconds to summarize with")
+        results["config"], results["pool_size"] = found[1], int(found[2])
+        results["test_size"], results["seconds"] = int(found[3]), int(found[4])
+    if "cost_unit" not in results:
+        boxes = results["metric"] == "mAP" and "boxes to reach" in old
+        results["cost_unit"] = "boxes" if boxes else ("pixels" if "pool_cost" in results else None)
+    print(write_summary(results, out))
 
 
 if __name__ == "__main__":

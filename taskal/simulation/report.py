@@ -57,23 +57,35 @@ def labels_to_reach(labeled: np.ndarray, mean_metric: np.ndarray, target: float)
     return round(float(labeled[hits[0]])) if len(hits) else None
 
 
+def aulc_axis(results: dict[str, Any]) -> str:
+    """What AULC integrates over: ``"cost"`` when some run queried regions (its items
+    touched are no measure of what it bought) and every point records a cost, else
+    ``"labeled"``."""
+    points = [p for r in results["runs"] for p in r["curve"]]
+    regions = any("regions" in p for p in points)
+    return "cost" if regions and all("cost" in p for p in points) else "labeled"
+
+
 def summarize(results: dict[str, Any], baseline: str = "random") -> list[dict[str, Any]]:
     """One row per strategy: AULC and final metric (mean, std over seeds), labels needed to
     reach the baseline's final mean metric, AULC difference to the baseline, and timings.
+    AULC runs over :func:`aulc_axis` (``aulc_axis`` in every row).
     """
     curves = curves_by_strategy(results)
     if baseline not in curves:
         raise ValueError(f"results hold no {baseline!r} runs to compare against")
+    axis = aulc_axis(results)
+    key = "cost" if axis == "cost" else "labeled_SR"
     base_final = float(curves[baseline]["metric"][:, -1].mean())
     base = curves[baseline]
     base_aulcs = {
         int(s): aulc(list(x), list(m))
-        for s, x, m in zip(base["seeds"], base["labeled_SR"], base["metric"], strict=True)
+        for s, x, m in zip(base["seeds"], base[key], base["metric"], strict=True)
     }
     rows: list[dict[str, Any]] = []
     for name, c in curves.items():
         aulcs = np.asarray(
-            [aulc(list(x), list(m)) for x, m in zip(c["labeled_SR"], c["metric"], strict=True)]
+            [aulc(list(x), list(m)) for x, m in zip(c[key], c["metric"], strict=True)]
         )
         paired = [
             a - base_aulcs[int(s)]
@@ -98,6 +110,7 @@ def summarize(results: dict[str, Any], baseline: str = "random") -> list[dict[st
                 if c["select_seconds"].shape[1] > 1
                 else 0.0,
                 "train_seconds": float(c["train_seconds"].mean()),
+                "aulc_axis": axis,
             }
         )
     rows.sort(key=lambda r: -r["aulc_mean"])
@@ -119,9 +132,11 @@ def format_table(
     """A Markdown table of :func:`summarize` rows (with a cost column when ``cost`` names
     the unit of recorded annotation costs, e.g. ``"boxes"``)."""
     cost_head = f" {cost} to reach {baseline}'s final |" if cost else ""
+    over = f" over {cost or 'cost'}" if rows and rows[0].get("aulc_axis") == "cost" else ""
     head = (
-        f"| strategy | AULC ({metric}) | Δ AULC vs {baseline} (seeds better) | final {metric} | "
-        f"labels to reach {baseline}'s final |{cost_head} select s/round | train s/round |\n"
+        f"| strategy | AULC{over} ({metric}) | Δ AULC vs {baseline} (seeds better) | "
+        f"final {metric} | labels to reach {baseline}'s final |{cost_head} "
+        "select s/round | train s/round |\n"
         "|---|---|---|---|---|" + ("---|" if cost else "") + "---|---|\n"
     )
     lines = []
@@ -141,15 +156,23 @@ def format_table(
     return head + "\n".join(lines) + "\n"
 
 
+#: how far short of a cost a curve may end and still be read at that cost (1 %).
+SHORT_TOLERANCE = 0.01
+
+
 def fraction_of_reference(
     c: dict[str, np.ndarray], reference: float, at_cost: float
 ) -> float | None:
     """A strategy's mean metric at annotation cost ``at_cost`` (linear between rounds, on
     the mean cost over seeds) as a fraction of ``reference`` (e.g. full supervision);
-    ``None`` without costs or when ``at_cost`` lies outside the curve."""
+    ``None`` without costs or when ``at_cost`` lies outside the curve. A curve that ends at
+    most :data:`SHORT_TOLERANCE` short of ``at_cost`` is read at its last point: region
+    rounds leave a few units of their budget unspent when no region fits the rest."""
     if "cost" not in c or not reference > 0:
         return None
     x, y = c["cost"].mean(0), c["metric"].mean(0)
+    if x[-1] < at_cost <= x[-1] + SHORT_TOLERANCE * at_cost:
+        at_cost = float(x[-1])
     if not x[0] - 1e-9 <= at_cost <= x[-1] + 1e-9:
         return None
     return float(np.interp(at_cost, x, y) / reference)

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from taskal.data import load_digits, split_pool
-from taskal.simulation import Simulation, SimulationConfig, aulc, plot_curves, summarize
+from taskal.simulation import (
+    Simulation,
+    SimulationConfig,
+    aulc,
+    format_table,
+    plot_curves,
+    summarize,
+)
 
 FAST = {"epochs": 2, "min_epoch_items": 64}
 
@@ -251,3 +258,43 @@ def test_region_runs_touch_different_item_counts_per_seed(tmp_path) -> None:  # 
     results["runs"][2]["curve"].pop()
     with pytest.raises(ValueError, match="different numbers of rounds"):
         summarize(results)
+
+
+def test_region_runs_integrate_over_cost_and_read_fractions_near_the_end() -> None:
+    """With region runs present, AULC integrates over annotation cost for every strategy;
+    a region curve ending a few pixels short of a fraction's cost is read at its end."""
+    from taskal.simulation.report import aulc_axis, format_reference_table
+
+    def run(name: str, cost: list[float], metric: list[float], regions: bool) -> dict:  # type: ignore[type-arg]
+        curve = [
+            {
+                "labeled": 8 * (i + 1),
+                "metric": m,
+                "cost": c,
+                "select_seconds": 0,
+                "train_seconds": 0,
+            }
+            for i, (c, m) in enumerate(zip(cost, metric, strict=True))
+        ]
+        if regions:
+            for p in curve:
+                p["regions"] = 3
+        return {"strategy": name, "seed": 0, "curve": curve}
+
+    results = {
+        "task": "seg",
+        "metric": "mIoU",
+        "runs": [
+            run("random", [100.0, 200.0, 300.0], [0.2, 0.3, 0.4], False),
+            run("regions", [100.0, 199.0, 298.5], [0.2, 0.5, 0.6], True),
+        ],
+        "reference": [{"seed": 0, "mIoU": 0.8}],
+    }
+    assert aulc_axis(results) == "cost"
+    rows = {r["strategy"]: r for r in summarize(results)}
+    assert rows["regions"]["aulc_mean"] == pytest.approx(
+        aulc([100.0, 199.0, 298.5], [0.2, 0.5, 0.6])
+    )
+    table = format_reference_table(results, 3000.0, fractions=(0.1,))
+    assert "| regions | 75.0% |" in table and "| random | 50.0% |" in table
+    assert "AULC over pixels" in format_table(list(rows.values()), "mIoU", cost="pixels")

@@ -58,6 +58,12 @@ def test_digits_writes_results_plot_summary_config(tmp_path: Path) -> None:
     assert "| entropy |" in summary and "labels to reach random's final" in summary
     resolved = Config.fromfile(str(out / "config.py"))
     assert resolved.train.epochs == 1 and resolved.al.budget == 10 and resolved.al.initial == 10
+    # --summarize rewrites the summary and the plot from results.json alone
+    (out / "summary.md").write_text("")
+    (out / "learning_curve.png").unlink()
+    assert _run(["--summarize", str(out)]) == {}
+    assert (out / "summary.md").read_text() == summary
+    assert (out / "learning_curve.png").stat().st_size > 10_000
 
     with pytest.raises(SystemExit, match="already exists"):
         _run(["--output-dir", str(out), "--no-progress"])
