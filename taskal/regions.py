@@ -23,10 +23,10 @@ class RegionBuffer:
 
     Regions costing more than the budget are counted but never kept; of the rest, the
     best are kept until their cost adds up to twice the budget (the greedy fill skips
-    regions that no longer fit, so it needs some slack; with caps, ``2 / share`` times the
-    budget for the smallest share). Rows are ranked by score, ties by a random key from the
-    selection's generator. Memory is bounded by the budget over the cheapest region's cost,
-    not by the pool.
+    regions that no longer fit, so it needs some slack); with caps, only regions their item
+    and class could still afford count towards that. Rows are ranked by score, ties by a
+    random key from the selection's generator. Memory is bounded by the budget over the
+    cheapest region's cost, not by the pool.
 
     Args:
         budget: the annotation cost to spend.
@@ -45,8 +45,7 @@ class RegionBuffer:
         self.budget = budget
         self.max_item_share = max_item_share
         self.max_class_share = max_class_share
-        shares = [x for x in (max_item_share, max_class_share) if x is not None]
-        self.keep_cost = budget * max([2.0] + [2.0 / x for x in shares])
+        self.keep_cost = 2.0 * budget
         self.total_cost = 0.0
         self.min_cost = math.inf
         self.affordable = 0
@@ -85,12 +84,37 @@ class RegionBuffer:
         self.cost = torch.cat([self.cost, cost[fits]])
         self.box = torch.cat([self.box, box.double()[fits]])
         self.cls = torch.cat([self.cls, cls.long()[fits]])
-        order = self.order()
-        cum = torch.cumsum(self.cost[order], 0)
-        keep = int(torch.searchsorted(cum, torch.tensor([self.keep_cost], dtype=cum.dtype))) + 1
-        order = order[:keep]
+        order = self._kept(self.order())
         for name in ("score", "tie", "item", "region", "cost", "box", "cls"):
             setattr(self, name, getattr(self, name)[order])
+
+    def _kept(self, order: Tensor) -> Tensor:
+        """The rows (in ``order``) worth keeping: the best until their cost reaches
+        ``keep_cost``; with caps, rows beyond what their item or class could still spend
+        (its cap plus one region) are dropped first, so the caps cannot starve the fill."""
+        if self.max_item_share is None and self.max_class_share is None:
+            cum = torch.cumsum(self.cost[order], 0)
+            cut = torch.searchsorted(cum, torch.tensor([self.keep_cost], dtype=cum.dtype))
+            return order[: int(cut) + 1]
+        slack = float(self.cost.max()) if len(self.cost) else 0.0
+        item_cap = self.budget * (self.max_item_share or math.inf) + slack
+        class_cap = self.budget * (self.max_class_share or math.inf) + slack
+        per_item: dict[int, float] = {}
+        per_class: dict[int, float] = {}
+        kept, total = [], 0.0
+        for i in order.tolist():
+            cost, item, cls = float(self.cost[i]), int(self.item[i]), int(self.cls[i])
+            if per_item.get(item, 0.0) + cost > item_cap:
+                continue
+            if cls >= 0 and per_class.get(cls, 0.0) + cost > class_cap:
+                continue
+            per_item[item] = per_item.get(item, 0.0) + cost
+            per_class[cls] = per_class.get(cls, 0.0) + cost
+            kept.append(i)
+            total += cost
+            if total >= self.keep_cost:
+                break
+        return torch.tensor(kept, dtype=torch.long)
 
     def order(self) -> Tensor:
         """Positions by descending score, random among ties."""

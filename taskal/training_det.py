@@ -171,17 +171,22 @@ def sgd_with_warmup(
 
 
 def epoch_batches(
-    ids: Sequence[ItemId], cfg: DetTrainConfig, generator: torch.Generator
+    ids: Sequence[ItemId], cfg: DetTrainConfig, generator: torch.Generator, min_batch: int = 1
 ) -> Iterator[list[ItemId]]:
     """One epoch's batches of ids: ``max(len(ids), cfg.min_epoch_items)`` items, whole
     shuffles of ``ids`` drawn with ``generator`` and cut to length, ``cfg.batch_size`` a
-    batch."""
+    batch; a last batch under ``min_batch`` items joins the one before it (BatchNorm after
+    a global pool, as in DeepLabV3's ASPP, cannot train on one image)."""
     n = len(ids)
     per_epoch = max(n, cfg.min_epoch_items)
     order = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-per_epoch // n))])
     order = order[:per_epoch]
-    for start in range(0, per_epoch, cfg.batch_size):
-        yield [ids[int(i)] for i in order[start : start + cfg.batch_size]]
+    starts = list(range(0, per_epoch, cfg.batch_size))
+    if len(starts) > 1 and per_epoch - starts[-1] < min_batch:
+        starts.pop()
+    for k, start in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else per_epoch
+        yield [ids[int(i)] for i in order[start:end]]
 
 
 def check_labeled_ids(

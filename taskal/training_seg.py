@@ -70,7 +70,8 @@ def train_segmenter(
 
     ``pool.take(ids)`` must give batches whose data samples carry ``gt_sem_seg`` (255 =
     unlabeled). Each epoch draws ``max(len(labeled_ids), cfg.min_epoch_items)`` items (whole
-    shuffles with ``generator``, cut to length); flips draw from ``generator`` too, and
+    shuffles with ``generator``, cut to length; a last batch of one image joins the one
+    before, for heads with BatchNorm after a global pool); flips draw from ``generator`` too, and
     dropout from torch's global RNG, so the same seeds give the same weights. With ``llal``
     a loss-prediction module on the adapter's feature layers trains jointly (targets: each
     image's loss from :meth:`~TorchvisionSegmentationAdapter.per_sample_loss`, no gradient),
@@ -99,7 +100,7 @@ def train_segmenter(
         for epoch in tqdm(range(cfg.epochs), desc="train seg", disable=not progress, leave=False):
             totals: dict[str, float] = {}
             steps = 0
-            for part in epoch_batches(ids, cfg, generator):
+            for part in epoch_batches(ids, cfg, generator, min_batch=2):
                 batch = pool.take(part)
                 if cfg.flip:
                     batch = _flip(batch, generator)

@@ -135,9 +135,11 @@ def test_unknown_query_kind() -> None:
         Selector("entropy", query="pixels")
 
 
-def test_badge_refuses_box_units() -> None:
-    with pytest.raises(ValueError, match="one prediction per item"):
-        Selector("badge", progress=False).select(_box(), ImageList(4), [], 2)
+def test_badge_averages_box_units_when_every_image_has_some() -> None:
+    """A softmax head without a background column: fine while every image has boxes (an
+    image without any is refused, tests/test_detection_selection.py)."""
+    queries = Selector("badge", progress=False).select(_box(), ImageList(4), [], 2)
+    assert len({q.item for q in queries}) == 2
 
 
 def test_region_buffer_keeps_only_what_the_budget_can_spend() -> None:
@@ -392,3 +394,21 @@ def test_class_cap_through_the_selector() -> None:
         dominant = int(torch.bincount(classes[mine], minlength=3).argmax())
         spent[dominant] = spent.get(dominant, 0.0) + q.cost
     assert queries and max(spent.values()) <= 48.0
+
+
+def test_caps_do_not_starve_the_buffer() -> None:
+    """The best 40 regions all belong to one item: with a 25 % item cap the buffer still
+    keeps regions of other items, so the whole budget is spent."""
+    buffer = RegionBuffer(8.0, max_item_share=0.25)
+    g = torch.Generator().manual_seed(0)
+    item = torch.cat([torch.zeros(40, dtype=torch.long), torch.arange(1, 21)])
+    buffer.push(
+        torch.cat([torch.full((40,), 9.0), torch.linspace(1, 2, 20)]).double(),
+        item,
+        torch.arange(60),
+        torch.ones(60),
+        torch.full((60, 4), math.nan),
+        g,
+    )
+    picks = buffer.queries([f"i{k}" for k in range(21)])
+    assert len(picks) == 8 and sum(q.item == "i0" for q in picks) == 2

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from taskal.adapters import TorchvisionSegmentationAdapter
 from taskal.llal.module import LossPredictionModule
 from taskal.segmenters import small_segmenter
+from taskal.training_det import epoch_batches
 from taskal.training_seg import SegTrainConfig, _ce, train_segmenter
 from taskal.types import Batch, ItemId
 
@@ -95,3 +96,18 @@ def test_llal_trains_a_loss_predictor_on_the_feature_layers() -> None:
     assert "llal_loss" in stats and adapter.loss_predictor is llal
     predicted = adapter.predict_loss(pool.take(pool.ids))
     assert predicted.shape == (6,) and torch.isfinite(predicted).all()
+
+
+def test_deeplab_never_trains_on_a_batch_of_one() -> None:
+    """7 items in batches of 3: the last image joins the batch before it (DeepLabV3's ASPP
+    pools globally, then BatchNorm needs more than one value per channel)."""
+    pool = Stripes(n=7)
+    torch.manual_seed(0)
+    adapter = TorchvisionSegmentationAdapter(small_segmenter(3, arch="deeplabv3", width=4))
+    cfg = SegTrainConfig(epochs=1, batch_size=3, lr=0.01, min_epoch_items=0, warmup_iters=0)
+    stats = train_segmenter(adapter, pool, pool.ids, cfg, torch.Generator().manual_seed(0))
+    assert stats["loss"] > 0
+    sizes = [len(b) for b in epoch_batches(pool.ids, cfg, torch.Generator(), min_batch=2)]
+    assert sizes == [3, 4] and [
+        len(b) for b in epoch_batches(pool.ids, cfg, torch.Generator())
+    ] == [3, 3, 1]
