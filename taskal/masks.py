@@ -7,9 +7,13 @@
 * :class:`MaskStore` keeps the labels recorded so far as PNG label maps in an mmseg
   annotation folder (255 = unlabeled), so mmseg and the torchvision loop train on it as is.
 * :func:`import_masks` brings returned masks in: PNG label maps named like the images, or
-  NIfTI label volumes named like the scans. Every file is checked first (shape, affine,
-  label values; items of the pool); if one fails nothing is recorded. A returned label never
-  replaces a different label already recorded unless ``overwrite=True``.
+  NIfTI label volumes named like the scans, with **255 on every pixel left unlabeled** (0
+  is a class, background, not "no label": a mask painted over the exported query mask,
+  whose 0 means "not asked", must be converted first). Every file is checked first (shape,
+  affine, label values; items of the pool; with ``queried``, items that were asked); if one
+  fails nothing is recorded. A returned label never replaces a different label already
+  recorded unless ``overwrite=True``. Each file is written atomically; a crash between
+  files leaves the earlier ones recorded, each whole.
 """
 
 from __future__ import annotations
@@ -128,6 +132,14 @@ class MaskStore:
     """
 
     def __init__(self, root: str | Path, pool: Any) -> None:
+        names: dict[str, ItemId] = {}
+        for item in pool.ids:
+            other = names.setdefault(item_file(item), item)
+            if other != item:
+                raise ValueError(
+                    f"items {other!r} and {item!r} would share the label file "
+                    f"{item_file(item)!r}; rename one of them"
+                )
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.pool = pool
@@ -139,7 +151,10 @@ class MaskStore:
     def labels(self, item: ItemId) -> np.ndarray | None:
         """The recorded ``[H, W]`` labels of ``item``, or ``None`` when it has none."""
         path = self.path(item)
-        return np.asarray(Image.open(path)) if path.exists() else None
+        if not path.exists():
+            return None
+        with Image.open(path) as image:
+            return np.asarray(image)
 
     def merged(self, item: ItemId, mask: np.ndarray, overwrite: bool, where: str) -> np.ndarray:
         """``mask`` (255 where it labels nothing) merged over the recorded labels.
@@ -197,14 +212,23 @@ def import_masks(
     folder, pool = Path(returned), store.pool
     masks: dict[ItemId, np.ndarray] = {}
     if isinstance(pool, VolumeSlicePool):
+        items = set(pool.ids)
+        scans = {pool.volume_of(i) for i in pool.ids}
         for path in sorted(folder.glob("*.nii*")):
-            if path.name not in pool.volumes:
+            if path.name not in scans:
                 raise ValueError(f"{path.name} is not a scan of this pool; nothing was recorded")
             labels = read_label_volume(path, pool.image_path(path.name), pool.classes, UNLABELED)
             for index in range(labels.shape[pool.axis]):
                 sl = np.take(labels, index, axis=pool.axis)
-                if bool((sl != UNLABELED).any()):
-                    masks[f"{path.name}#{pool.axis}:{index:03d}"] = sl
+                if not bool((sl != UNLABELED).any()):
+                    continue
+                item = f"{path.name}#{pool.axis}:{index:03d}"
+                if item not in items:
+                    raise ValueError(
+                        f"{path.name} labels slice {index}, which is not an item of this pool; "
+                        "nothing was recorded"
+                    )
+                masks[item] = sl
     else:
         by_file = {item_file(i): i for i in pool.ids}
         for path in sorted(folder.glob("*.png")):
@@ -213,7 +237,8 @@ def import_masks(
                     f"{path.name} matches no item of the pool (expected names like "
                     f"{next(iter(by_file))}); nothing was recorded"
                 )
-            masks[by_file[path.name]] = np.asarray(Image.open(path))
+            with Image.open(path) as image:
+                masks[by_file[path.name]] = np.asarray(image)
     if queried is not None:
         extra = sorted(str(i) for i in set(masks) - set(queried))
         if extra:

@@ -141,3 +141,34 @@ def test_volume_queries_align_with_the_scan_and_come_back(volumes, tmp_path: Pat
     with pytest.raises(ValueError, match="affine"):
         import_masks(store, tmp_path / "back", overwrite=True)
     assert np.array_equal(store.labels(item), labels[:, :, 3])
+
+
+def test_items_that_would_share_a_label_file_are_refused(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    pool = SimpleNamespace(ids=["sub/a.png", "sub_a.png"], classes=CLASSES)
+    with pytest.raises(ValueError, match=r"would share the label file 'sub_a\.png'"):
+        MaskStore(tmp_path / "labels", pool)
+
+
+def test_volume_imports_stay_inside_the_pool(volumes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A pool split by scan: a label volume for the other scan, or for a slice the pool
+    does not hold, is refused and nothing is recorded."""
+    first, second = volumes.volumes[0], volumes.volumes[1]
+    mine = volumes.subset([i for i in volumes.ids if volumes.volume_of(i) == first][:4])
+    store = MaskStore(tmp_path / "labels", mine)
+    scan = nib.load(volumes.image_path(second))
+    labels = np.full(scan.shape, 255, np.uint8)
+    labels[:, :, 0] = 0
+    back = tmp_path / "back"
+    back.mkdir()
+    nib.save(nib.Nifti1Image(labels, scan.affine), back / second)
+    with pytest.raises(ValueError, match="is not a scan of this pool"):
+        import_masks(store, back)
+    (back / second).unlink()
+    labels[:, :, 0] = 255
+    labels[:, :, 9] = 1  # slice 9 of the first scan: not among mine's 4 slices
+    nib.save(nib.Nifti1Image(labels, nib.load(volumes.image_path(first)).affine), back / first)
+    with pytest.raises(ValueError, match="labels slice 9, which is not an item of this pool"):
+        import_masks(store, back)
+    assert not list((tmp_path / "labels").iterdir())
