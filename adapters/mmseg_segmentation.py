@@ -2,7 +2,10 @@
 
 A unit is a pixel of an image at its own size (``unit_U = row * W + col``), its
 probabilities the softmax of the seg logits that mmseg's own ``model.inference`` computes
-before its argmax (``test_cfg`` ``mode='whole'`` or ``'slide'``), cropped to the image.
+before its argmax (``test_cfg`` ``mode='whole'`` or ``'slide'``), cropped to the image. For
+a batch of same-size images they equal mmseg's exactly; in a batch of mixed sizes a smaller
+image is scored padded to the largest (zeros after normalization at its bottom and right,
+slide windows placed on the padded batch), where mmseg would score it alone.
 Pixels group into square patches or SLIC superpixels
 (:class:`~taskal.adapters._segmentation.PixelRegions`) for region queries; a pixel costs 1
 (budgets in labeled pixels) or ``1 / region size`` (``cost="clicks"``).

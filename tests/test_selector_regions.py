@@ -412,3 +412,30 @@ def test_caps_do_not_starve_the_buffer() -> None:
     )
     picks = buffer.queries([f"i{k}" for k in range(21)])
     assert len(picks) == 8 and sum(q.item == "i0" for q in picks) == 2
+
+
+def test_region_impurity_scores_each_owner_and_region_by_hand() -> None:
+    """Two items with uneven regions (the second item's units listed first): every
+    (owner, region) row is impurity x mean entropy, computed here by hand."""
+    from taskal.strategies import RegionImpurity
+
+    g = torch.Generator().manual_seed(3)
+    probs = torch.rand(9, 3, 1, generator=g).softmax(1)
+    owner = torch.tensor([1, 1, 1, 0, 0, 0, 0, 1, 0])
+    region = torch.tensor([2, 0, 2, 1, 0, 1, 1, 0, 0])
+    p = Predictions(probs, owner, unit_U=torch.arange(9), region_U=region)
+    strategy = RegionImpurity()
+    entropy_U = strategy.region_unit_scores(p).double()
+    owner_R, region_R, score_R, _ = strategy.reduce_regions(p, entropy_U)
+    assert list(zip(owner_R.tolist(), region_R.tolist(), strict=True)) == [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 2),
+    ]
+    classes = probs[:, :, 0].argmax(1)
+    for o, r, got in zip(owner_R.tolist(), region_R.tolist(), score_R.tolist(), strict=True):
+        mine = (owner == o) & (region == r)
+        share = torch.bincount(classes[mine], minlength=3).double() / int(mine.sum())
+        impurity = float(-(share[share > 0] * share[share > 0].log()).sum())
+        assert got == pytest.approx(impurity * float(entropy_U[mine].mean()))

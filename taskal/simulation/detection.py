@@ -61,6 +61,7 @@ from taskal.simulation.loop import (
 )
 from taskal.simulation.rounds import Labeled, RoundLoop, mix_seed
 from taskal.strategies.base import QueryStrategy
+from taskal.strategies.impurity import RegionImpurity
 from taskal.training import LLALConfig
 from taskal.training_det import DetTrainConfig, train_detector
 from taskal.training_mmdet import MMDetTrainConfig, train_mmdet
@@ -172,6 +173,12 @@ class DetSimulationConfig:
         boxes = [label for label, kind in self.query_kinds.items() if kind == "region"]
         if not boxes:
             return
+        for label, strategy in resolve_strategies(self.strategies):
+            if label in boxes and isinstance(strategy, RegionImpurity):
+                raise ValueError(
+                    f"strategy {label!r} scores a region's class impurity, but a box is a "
+                    "region of one unit (impurity 0): use entropy or bald for box queries"
+                )
         if self.mmdet_config is not None:
             raise ValueError(
                 f"strategies {boxes} query boxes, whose crops train torchvision detectors "

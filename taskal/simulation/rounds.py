@@ -59,6 +59,11 @@ class RoundLoop:
     select_batch_size: int = 256
     desc: str = "simulate"
 
+    @property
+    def region_budget(self) -> float:
+        """Annotation cost region-query runs buy per round (``cfg.region_budget``)."""
+        return float(self.cfg.region_budget)
+
     def check_pool_size(self) -> None:
         """Fail before any training when the pool cannot feed every round."""
         cfg = self.cfg
@@ -116,7 +121,7 @@ class RoundLoop:
         labeled = self.initial_labeled(seed)
         # region queries: full labels of the initial items, then regions answered per round
         state = LabelState(full=set(labeled)) if query == "region" else None
-        budget = cfg.budget if state is None else cfg.region_budget
+        budget = cfg.budget if state is None else self.region_budget
         options = dict(self.region_options) if query == "region" else {}
         selector = Selector(strategy, self.select_batch_size, False, query, **options)  # type: ignore[arg-type]
         curve = []

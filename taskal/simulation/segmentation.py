@@ -138,6 +138,11 @@ class SegSimulationConfig:
                 raise ValueError("mmseg_train does not take work_dir: set work_dir beside it")
             train = {"work_dir": ".", **self.mmseg_train}
             self.mmseg_train_cfg = _dataclass_from(MMSegTrainConfig, train, "mmseg_train")
+            if set(self.adapter) - {"dropout_p"}:
+                raise ValueError(
+                    f"adapter {sorted(self.adapter)}: an mmseg model takes its normalization "
+                    "and padding from its data_preprocessor; only dropout_p applies"
+                )
             if self.train:
                 raise ValueError(
                     "train configures the torchvision model's training; an mmseg_config "
@@ -203,9 +208,20 @@ class SegmentationSimulation(RoundLoop):
         self.region_options = dict(cfg.region_caps)
         self.select_batch_size = cfg.batch_size
         self.pixels = {i: int(pool.num_pixels(i)) for i in pool.ids}
-        if cfg.region_budget is None:
-            cfg.region_budget = cfg.budget * sum(self.pixels.values()) / len(self.pixels)
+        average = sum(self.pixels.values()) / len(self.pixels)
+        self._region_budget = cfg.region_budget or cfg.budget * average
+        if cfg.mmseg_cfg is not None and not hasattr(pool, "img_dir"):
+            raise ValueError(
+                "an mmseg_config trains from image and mask files (a segmentation folder); "
+                f"this pool is a {type(pool).__name__}: use a torchvision model for it"
+            )
         self.cost_unit = "pixels"
+
+    @property
+    def region_budget(self) -> float:
+        """Labeled pixels region-query runs buy per round (``cfg.region_budget``, or
+        ``budget`` average images' worth)."""
+        return float(self._region_budget)
 
     @property
     def total_pixels(self) -> int:
@@ -283,7 +299,10 @@ class SegmentationSimulation(RoundLoop):
         init_seed = mix_seed(seed, r, 0) % 2**31  # the Runner seeds numpy: 32 bits at most
         torch.manual_seed(init_seed)
         adapter = MMSegAdapter(
-            copy.deepcopy(dict(cfg.mmseg_cfg.model)), regions=cfg.pixel_regions, device=cfg.device
+            copy.deepcopy(dict(cfg.mmseg_cfg.model)),
+            regions=cfg.pixel_regions,
+            device=cfg.device,
+            **cfg.adapter,
         )
         label = "reference" if strategy is None else self._label(strategy)
         with run_dir(cfg.work_dir, f"{label}_seed{seed}_round{r}", "taskal_mmseg_") as work:

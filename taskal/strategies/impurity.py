@@ -22,7 +22,8 @@ class RegionImpurity(UnitScoreStrategy):
     one inside a single class. A region predicted as one class scores 0 (ties broken at
     random by the selection's generator). A unit's class is its most probable one (for
     sigmoid heads too). The selector refuses item queries: an item's score would be its
-    plain mean entropy.
+    plain mean entropy. Meant for pixel regions: a detection box is a region of one unit,
+    whose impurity is always 0 (the detection simulation refuses it).
 
     Args:
         n_samples: stochastic samples per prediction.

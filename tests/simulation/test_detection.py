@@ -161,6 +161,10 @@ def test_box_query_cost(split, tiny_detector: str) -> None:  # type: ignore[no-u
         ),
         ({"strategies": [dict(type="entropy", query="pixels")]}, "query='pixels'; choose"),
         (
+            {"strategies": [dict(type="region_impurity", query="region")], "region_budget": 4},
+            "a box is a region of one unit",
+        ),
+        (
             {
                 "partial": {"margin": 1},
                 "strategies": [dict(type="entropy", query="region")],

@@ -48,7 +48,7 @@ def _cfg(**kw: Any) -> SegSimulationConfig:
 def test_image_and_region_queries_buy_the_same_pixels(split) -> None:  # type: ignore[no-untyped-def]
     pool, test = split
     sim = SegmentationSimulation(_cfg(), pool, test)
-    assert sim.cfg.region_budget == 24 * 24  # one average image's pixels per round
+    assert sim.region_budget == 24 * 24 and sim.cfg.region_budget is None  # one image
     runs = {r["strategy"]: r["curve"] for r in sim.run()}
     assert list(runs) == ["random", "entropy", "entropy_regions"]
     assert [p["cost"] for p in runs["random"]] == [2 * 576, 3 * 576, 4 * 576]
@@ -155,3 +155,5 @@ def test_an_mmseg_config_trains_through_the_runner(split, tmp_path: Path) -> Non
         _cfg(mmseg_config=cfg.mmseg_config)
     with pytest.raises(ValueError, match="loss predictor"):
         SegSimulationConfig(strategies=["llal"], mmseg_config=cfg.mmseg_config)
+    with pytest.raises(ValueError, match="only dropout_p applies"):
+        SegSimulationConfig(mmseg_config=cfg.mmseg_config, adapter={"mean": (0.5,) * 3})
