@@ -33,7 +33,7 @@ MODELS = Registry(
     "model",
     parent=MMENGINE_MODELS,
     scope="taskal",
-    locations=["taskal.models", "taskal.detectors", "taskal.segmenters", "taskal.llal.mmdet"],
+    locations=["taskal.models", "taskal.detectors", "taskal.segmenters", "taskal.llal.openmmlab"],
 )
 DATASETS = Registry("dataset", parent=MMENGINE_DATASETS, scope="taskal", locations=["taskal.data"])
 

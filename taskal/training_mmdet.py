@@ -161,8 +161,8 @@ def train_mmdet(
             loading weights into a fresh model yourself, or they are re-initialised. The
             Runner moves it to its device (the GPU when there is one).
         hooks: extra mmengine hooks registered on the Runner (e.g.
-            :class:`taskal.llal.mmdet.LLALStopGradHook` for an
-            :class:`~taskal.llal.mmdet.LLALDetector`).
+            :class:`taskal.llal.openmmlab.LLALStopGradHook` for an
+            :class:`~taskal.llal.openmmlab.LLALDetector`).
 
     Returns:
         The trained detector (``model`` itself when given), unwrapped, in eval mode.

@@ -9,7 +9,7 @@
 # Sized for a 2-core CPU: 6 epochs of at least 80 images per round and a lighter head
 # (below); from scratch RetinaNet stays weak at this budget, so raise
 # mmdet_train.max_epochs for curves that separate more clearly.
-# llal trains the detector inside taskal.llal.mmdet.LLALDetector (one more training per
+# llal trains the detector inside taskal.llal.openmmlab.LLALDetector (one more training per
 # round's cost); no badge (RetinaNet's classifier is sigmoid, BADGE's gradient embedding
 # needs a softmax).
 _base_ = ["../_base_/det/synthetic_shapes.py"]

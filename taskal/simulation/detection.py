@@ -20,7 +20,7 @@ The detector is either a torchvision one (``model``, trained by
 trained through mmengine's ``Runner`` by :func:`~taskal.training_mmdet.train_mmdet` and
 scored by :class:`~taskal.adapters.MMDetAdapter`). Per strategy, the round's detector gets
 what the strategy reads: a jointly trained loss-prediction module for ``llal`` (on the FPN
-levels; :class:`~taskal.llal.mmdet.LLALDetector` for mmdet), and the per-class quality on
+levels; :class:`~taskal.llal.openmmlab.LLALDetector` for mmdet), and the per-class quality on
 the labeled images (:func:`~taskal.evaluation.class_quality`) for difficulty-calibrated
 scores.
 """
@@ -47,8 +47,8 @@ from taskal.adapters.torchvision_detection import TorchvisionDetectionAdapter
 from taskal.data.coco import CocoDetectionPool
 from taskal.evaluation import class_quality, coco_map
 from taskal.export import AnnotationCost, queries_to_coco, write_coco_queries
-from taskal.llal.mmdet import LLALDetector, LLALStopGradHook
 from taskal.llal.module import LossPredictionModule
+from taskal.llal.openmmlab import LLALDetector, LLALStopGradHook
 from taskal.partial import PartialDetectionPool
 from taskal.queries import LabelState, Query
 from taskal.simulation.loop import (
@@ -88,7 +88,7 @@ class DetSimulationConfig:
             :func:`~taskal.training_mmdet.train_mmdet` with the config's own schedule. Its
             ``bbox_head.num_classes`` (``roi_head.bbox_head.num_classes`` for two-stage
             detectors) must be the pool's number of classes. For ``llal`` the detector trains
-            inside :class:`~taskal.llal.mmdet.LLALDetector` with its loss predictor.
+            inside :class:`~taskal.llal.openmmlab.LLALDetector` with its loss predictor.
         mmdet_cfg_options: entries merged into the mmdet config after loading it (as
             ``--cfg-options``: nested dicts or dotted keys), e.g. a warm-up as short as the
             simulation's rounds, ``dict(param_scheduler=[...])``.

@@ -28,12 +28,15 @@ from typing import Any
 
 import torch
 from mmengine.config import Config
+from mmengine.hooks import Hook
+from torch import nn
 
 from taskal.adapters._segmentation import PixelRegions
 from taskal.adapters.mmseg_segmentation import MMSegAdapter
 from taskal.adapters.torchvision_segmentation import TorchvisionSegmentationAdapter
 from taskal.evaluation.segmentation import segmentation_metrics
 from taskal.llal.module import LossPredictionModule
+from taskal.llal.openmmlab import LLALSegmentor, LLALStopGradHook
 from taskal.partial import PartialSegmentationPool
 from taskal.queries import LabelState
 from taskal.selector import Selector
@@ -176,11 +179,6 @@ class SegSimulationConfig:
             )
         Selector("random", query="region", **self.region_caps)  # checks the shares
         for label, strategy in resolve_strategies(self.strategies):
-            if self.mmseg_cfg is not None and "loss_pred" in strategy.needs:
-                raise ValueError(
-                    f"strategy {label!r} needs a loss predictor trained with the model, which "
-                    "the simulation builds for torchvision segmenters only; drop it or use model"
-                )
             if strategy.sampling == "ensemble":
                 raise ValueError(
                     f"strategy {label!r} scores a deep ensemble, which the segmentation "
@@ -304,11 +302,19 @@ class SegmentationSimulation(RoundLoop):
             device=cfg.device,
             **cfg.adapter,
         )
+        model: nn.Module = adapter.model
+        hooks: list[Hook] = []
+        if strategy is not None and "loss_pred" in strategy.needs:  # jointly, per image
+            model = LLALSegmentor(adapter.model, hidden=cfg.llal_cfg.hidden)
+            model.weight, model.margin = cfg.llal_cfg.weight, cfg.llal_cfg.margin
+            hooks.append(LLALStopGradHook(cfg.llal_cfg.stop_grad_fraction))
         label = "reference" if strategy is None else self._label(strategy)
         with run_dir(cfg.work_dir, f"{label}_seed{seed}_round{r}", "taskal_mmseg_") as work:
             train_cfg = dataclasses.replace(cfg.mmseg_train_cfg, work_dir=str(work))
-            train_mmseg(cfg.mmseg_cfg, pool, ids, train_cfg, init_seed, adapter.model)
-        adapter.model.to(torch.device(cfg.device))
+            train_mmseg(cfg.mmseg_cfg, pool, ids, train_cfg, init_seed, model, hooks)
+        model.to(torch.device(cfg.device))
+        if isinstance(model, LLALSegmentor):
+            adapter.attach_loss_predictor(model.loss_predictor)
         return adapter
 
     def _label(self, strategy: QueryStrategy) -> str:

@@ -9,6 +9,7 @@ import pytest
 
 from taskal.data import load_segmentation_folder, make_synthetic_segmentation
 from taskal.queries import LabelState, Query
+from taskal.selector import build_strategy
 from taskal.simulation import (
     SegmentationSimulation,
     SegSimulationConfig,
@@ -153,7 +154,8 @@ def test_an_mmseg_config_trains_through_the_runner(split, tmp_path: Path) -> Non
     assert (tmp_path / "runs" / "entropy_regions_seed0_round1").is_dir()
     with pytest.raises(ValueError, match="give exactly one model"):
         _cfg(mmseg_config=cfg.mmseg_config)
-    with pytest.raises(ValueError, match="loss predictor"):
-        SegSimulationConfig(strategies=["llal"], mmseg_config=cfg.mmseg_config)
+    llal = sim._fit_mmseg(build_strategy("llal"), pool, pool.ids[:2], seed=0, r=0)
+    assert llal.loss_predictor is not None
+    assert llal.predict_loss(pool.take(pool.ids[:2]).without_labels()).shape == (2,)
     with pytest.raises(ValueError, match="only dropout_p applies"):
         SegSimulationConfig(mmseg_config=cfg.mmseg_config, adapter={"mean": (0.5,) * 3})
