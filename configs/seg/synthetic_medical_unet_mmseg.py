@@ -5,7 +5,7 @@
 #
 #   python tools/simulate.py --config configs/seg/synthetic_medical_unet_mmseg.py
 #
-# Sized for a 2-core CPU (seed 0, 300 iterations of 8 images per round); raise
+# Sized for a 2-core CPU (seed 0, 300 iterations of 8 images per round: 14 minutes); raise
 # mmseg_train.max_iters for stronger models. An "llal" entry would train the UNet inside
 # taskal.llal.openmmlab.LLALSegmentor (its encoder stages feed the loss predictor).
 _base_ = ["../_base_/seg/synthetic_medical.py"]
