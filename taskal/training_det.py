@@ -9,7 +9,7 @@ them as background. mmdet models train through mmengine's Runner instead.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -125,28 +125,58 @@ def train_detector(
         FloatingPointError: a non-finite loss (training stops; lower ``cfg.lr``).
     """
     ids = check_labeled_ids(pool, labeled_ids)
+    device = next(adapter.model.parameters()).device
+
+    def step(batch: Batch, optim: Any, epoch: int, detach: bool) -> dict[str, float]:
+        if llal is None:
+            return _step(adapter, batch, device, optim, epoch, cfg)
+        assert llal_cfg is not None
+        return _llal_step(adapter, batch, optim, epoch, cfg, llal, llal_cfg, detach)
+
     llal_cfg = llal_cfg or LLALConfig()
+    return run_sgd(adapter, pool, ids, cfg, generator, step, "train det", progress, llal, llal_cfg)
+
+
+def run_sgd(
+    adapter: Any,
+    pool: DetectionPool,
+    ids: list[ItemId],
+    cfg: DetTrainConfig,
+    generator: torch.Generator,
+    step: Callable[[Batch, Any, int, bool], dict[str, float]],
+    desc: str,
+    progress: bool,
+    llal: LossPredictionModule | None,
+    llal_cfg: LLALConfig,
+    min_batch: int = 1,
+    prepare: Callable[[Batch], Batch] | None = None,
+) -> dict[str, float]:
+    """The epochs every torchvision training runs: SGD with warm-up over
+    :func:`epoch_batches`, ``step(batch, optim, epoch, detach)`` per batch (``detach``:
+    LLAL's gradient stopped), optionally ``prepare`` on each batch (augmentation); the
+    model (and the loss predictor) left in eval mode, the predictor attached after.
+
+    Returns:
+        the last epoch's mean of every loss ``step`` reports.
+    """
     model = adapter.model
-    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     if llal is not None:
-        llal.to(device).train()
+        llal.to(next(model.parameters()).device).train()
         params += list(llal.parameters())
     stop_epoch = llal_cfg.stop_grad_epoch(cfg.epochs)
     optim, warmup = sgd_with_warmup(params, cfg)
     stats: dict[str, float] = {}
     model.train()
     try:
-        for epoch in tqdm(range(cfg.epochs), desc="train det", disable=not progress, leave=False):
+        for epoch in tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False):
             totals: dict[str, float] = {}
             steps = 0
-            for part in epoch_batches(ids, cfg, generator):
+            for part in epoch_batches(ids, cfg, generator, min_batch):
                 batch = pool.take(part)
-                if llal is None:
-                    losses = _step(adapter, batch, device, optim, epoch, cfg)
-                else:
-                    detach = epoch >= stop_epoch
-                    losses = _llal_step(adapter, batch, optim, epoch, cfg, llal, llal_cfg, detach)
+                if prepare is not None:
+                    batch = prepare(batch)
+                losses = step(batch, optim, epoch, epoch >= stop_epoch)
                 warmup.step()
                 for name, value in losses.items():
                     totals[name] = totals.get(name, 0.0) + value
@@ -318,6 +348,7 @@ __all__ = [
     "backward_step",
     "check_labeled_ids",
     "epoch_batches",
+    "run_sgd",
     "sgd_with_warmup",
     "train_detector",
     "warmup_factor",

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from taskal.adapters.torchvision_segmentation import IGNORE_INDEX, TorchvisionSegmentationAdapter
 from taskal.functional.llal import loss_ranking_loss
@@ -30,8 +29,7 @@ from taskal.training_det import (
     DetTrainConfig,
     backward_step,
     check_labeled_ids,
-    epoch_batches,
-    sgd_with_warmup,
+    run_sgd,
 )
 from taskal.types import Batch, ItemId
 
@@ -87,37 +85,28 @@ def train_segmenter(
     """
     ids = check_labeled_ids(pool, labeled_ids, "train_segmenter")
     llal_cfg = llal_cfg or LLALConfig()
-    model = adapter.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    if llal is not None:
-        llal.to(next(model.parameters()).device).train()
-        params += list(llal.parameters())
-    stop_epoch = llal_cfg.stop_grad_epoch(cfg.epochs)
-    optim, warmup = sgd_with_warmup(params, cfg)
-    stats: dict[str, float] = {}
-    model.train()
-    try:
-        for epoch in tqdm(range(cfg.epochs), desc="train seg", disable=not progress, leave=False):
-            totals: dict[str, float] = {}
-            steps = 0
-            for part in epoch_batches(ids, cfg, generator, min_batch=2):
-                batch = pool.take(part)
-                if cfg.flip:
-                    batch = _flip(batch, generator)
-                detach = epoch >= stop_epoch
-                losses = _step(adapter, batch, optim, epoch, cfg, llal, llal_cfg, detach)
-                warmup.step()
-                for name, value in losses.items():
-                    totals[name] = totals.get(name, 0.0) + value
-                steps += 1
-            stats = {k: v / steps for k, v in totals.items()}
-    finally:
-        model.eval()
-        if llal is not None:
-            llal.eval()
-    if llal is not None:
-        adapter.attach_loss_predictor(llal)
-    return stats
+
+    def step(batch: Batch, optim: Any, epoch: int, detach: bool) -> dict[str, float]:
+        assert llal_cfg is not None
+        return _step(adapter, batch, optim, epoch, cfg, llal, llal_cfg, detach)
+
+    def flip(batch: Batch) -> Batch:
+        return _flip(batch, generator)
+
+    return run_sgd(
+        adapter,
+        pool,
+        ids,
+        cfg,
+        generator,
+        step,
+        "train seg",
+        progress,
+        llal,
+        llal_cfg,
+        min_batch=2,
+        prepare=flip if cfg.flip else None,
+    )
 
 
 def padded_targets(adapter: TorchvisionSegmentationAdapter, batch: Batch, hw: torch.Size) -> Tensor:
