@@ -38,8 +38,6 @@ from typing import Any
 
 import torch
 from mmengine.config import Config
-from mmengine.hooks import Hook
-from torch import nn
 from torchvision.ops import box_iou
 
 from taskal.adapters.mmdet_detection import MMDetAdapter
@@ -47,10 +45,11 @@ from taskal.adapters.torchvision_detection import TorchvisionDetectionAdapter
 from taskal.data.coco import CocoDetectionPool
 from taskal.evaluation import class_quality, coco_map
 from taskal.export import AnnotationCost, queries_to_coco, write_coco_queries
+from taskal.fitting import fit_mmdet
 from taskal.llal.module import LossPredictionModule
-from taskal.llal.openmmlab import LLALDetector, LLALStopGradHook
 from taskal.partial import PartialDetectionPool
 from taskal.queries import LabelState, Query
+from taskal.rounds import mix_seed
 from taskal.simulation.loop import (
     _dataclass_from,
     check_round_settings,
@@ -59,12 +58,12 @@ from taskal.simulation.loop import (
     resolve_strategies,
     run_dir,
 )
-from taskal.simulation.rounds import Labeled, RoundLoop, mix_seed
+from taskal.simulation.rounds import Labeled, RoundLoop
 from taskal.strategies.base import QueryStrategy
 from taskal.strategies.impurity import RegionImpurity
 from taskal.training import LLALConfig
 from taskal.training_det import DetTrainConfig, train_detector
-from taskal.training_mmdet import MMDetTrainConfig, train_mmdet
+from taskal.training_mmdet import MMDetTrainConfig
 from taskal.types import Adapter, ItemId
 
 
@@ -361,21 +360,18 @@ class DetectionSimulation(RoundLoop):
         cfg = self.cfg
         assert cfg.mmdet_cfg is not None and cfg.mmdet_train_cfg is not None
         init_seed = mix_seed(seed, r, 0) % 2**31  # the Runner seeds numpy: 32 bits at most
-        torch.manual_seed(init_seed)
-        adapter = MMDetAdapter(copy.deepcopy(dict(cfg.mmdet_cfg.model)), device=cfg.device)
-        model: nn.Module = adapter.model
-        hooks: list[Hook] = []
-        if "loss_pred" in strategy.needs:  # the detector and its loss predictor, jointly
-            model = LLALDetector(adapter.model, hidden=cfg.llal_cfg.hidden)
-            model.weight, model.margin = cfg.llal_cfg.weight, cfg.llal_cfg.margin
-            hooks.append(LLALStopGradHook(cfg.llal_cfg.stop_grad_fraction))
         with self._run_dir(strategy, seed, r) as work_dir:
             train_cfg = dataclasses.replace(cfg.mmdet_train_cfg, work_dir=work_dir)
-            train_mmdet(cfg.mmdet_cfg, self.pool, labeled, train_cfg, init_seed, model, hooks)
-        model.to(torch.device(cfg.device))  # the Runner trains on the GPU when there is one
-        if isinstance(model, LLALDetector):
-            adapter.attach_loss_predictor(model.loss_predictor)
-        return adapter
+            return fit_mmdet(
+                cfg.mmdet_cfg,
+                self.pool,
+                labeled,
+                train_cfg,
+                init_seed,
+                strategy,
+                llal_cfg=cfg.llal_cfg,
+                device=cfg.device,
+            )
 
     @contextlib.contextmanager
     def _run_dir(self, strategy: QueryStrategy, seed: int, r: int) -> Iterator[Path]:

@@ -24,8 +24,9 @@ from taskal.data.pool import TensorPool
 from taskal.llal.module import LossPredictionModule
 from taskal.models import build_model
 from taskal.registry import ADAPTERS, build
+from taskal.rounds import mix_seed
 from taskal.selector import QUERY_KINDS, Selector, build_strategy
-from taskal.simulation.rounds import Labeled, RoundLoop, mix_seed
+from taskal.simulation.rounds import Labeled, RoundLoop
 from taskal.strategies.base import QueryStrategy
 from taskal.training import LLALConfig, TrainConfig, accuracy, train_classifier
 from taskal.types import Adapter

@@ -22,21 +22,13 @@ import torch
 from tqdm import tqdm
 
 from taskal.queries import LabelState, Query
-from taskal.selector import Selector
+from taskal.rounds import select_round
 from taskal.strategies.base import QueryStrategy
 from taskal.types import Adapter, ItemId
 
 #: What a round trains on: the labeled items in labeling order (item queries), or full and
 #: partial labels (region queries).
 Labeled = list[ItemId] | LabelState
-
-
-def mix_seed(*parts: int) -> int:
-    """A deterministic seed from several integers."""
-    value = 0x9E3779B9
-    for p in parts:
-        value = (value * 1_000_003 + int(p) + 1) % (2**61 - 1)
-    return value
 
 
 class RoundLoop:
@@ -123,7 +115,6 @@ class RoundLoop:
         state = LabelState(full=set(labeled)) if query == "region" else None
         budget = cfg.budget if state is None else self.region_budget
         options = dict(self.region_options) if query == "region" else {}
-        selector = Selector(strategy, self.select_batch_size, False, query, **options)  # type: ignore[arg-type]
         curve = []
         for r in range(cfg.rounds + 1):
             current: Labeled = list(labeled) if state is None else state.copy()
@@ -135,8 +126,18 @@ class RoundLoop:
             select_seconds = 0.0
             if r < cfg.rounds:
                 t1 = time.perf_counter()
-                g = torch.Generator().manual_seed(mix_seed(seed, r, 1))
-                queries = selector.select(adapter, self.pool, current, budget, g)
+                queries = select_round(
+                    adapter,
+                    strategy,
+                    self.pool,
+                    current,
+                    budget,
+                    seed,
+                    r,
+                    query=query,
+                    batch_size=self.select_batch_size,
+                    options=options,
+                )
                 select_seconds = time.perf_counter() - t1
                 self.record_queries(label or type(strategy).__name__, seed, r, queries)
                 if state is None:

@@ -28,17 +28,16 @@ from typing import Any
 
 import torch
 from mmengine.config import Config
-from mmengine.hooks import Hook
-from torch import nn
 
 from taskal.adapters._segmentation import PixelRegions
 from taskal.adapters.mmseg_segmentation import MMSegAdapter
 from taskal.adapters.torchvision_segmentation import TorchvisionSegmentationAdapter
 from taskal.evaluation.segmentation import segmentation_metrics
+from taskal.fitting import fit_mmseg
 from taskal.llal.module import LossPredictionModule
-from taskal.llal.openmmlab import LLALSegmentor, LLALStopGradHook
 from taskal.partial import PartialSegmentationPool
 from taskal.queries import LabelState
+from taskal.rounds import mix_seed
 from taskal.selector import Selector
 from taskal.simulation.loop import (
     _dataclass_from,
@@ -48,10 +47,10 @@ from taskal.simulation.loop import (
     resolve_strategies,
     run_dir,
 )
-from taskal.simulation.rounds import Labeled, RoundLoop, mix_seed
+from taskal.simulation.rounds import Labeled, RoundLoop
 from taskal.strategies.base import QueryStrategy
 from taskal.training import LLALConfig
-from taskal.training_mmseg import MMSegTrainConfig, train_mmseg
+from taskal.training_mmseg import MMSegTrainConfig
 from taskal.training_seg import SegTrainConfig, train_segmenter
 from taskal.types import Adapter, ItemId
 
@@ -295,27 +294,21 @@ class SegmentationSimulation(RoundLoop):
         cfg = self.cfg
         assert cfg.mmseg_cfg is not None and cfg.mmseg_train_cfg is not None
         init_seed = mix_seed(seed, r, 0) % 2**31  # the Runner seeds numpy: 32 bits at most
-        torch.manual_seed(init_seed)
-        adapter = MMSegAdapter(
-            copy.deepcopy(dict(cfg.mmseg_cfg.model)),
-            regions=cfg.pixel_regions,
-            device=cfg.device,
-            **cfg.adapter,
-        )
-        model: nn.Module = adapter.model
-        hooks: list[Hook] = []
-        if strategy is not None and "loss_pred" in strategy.needs:  # jointly, per image
-            model = LLALSegmentor(adapter.model, hidden=cfg.llal_cfg.hidden)
-            model.weight, model.margin = cfg.llal_cfg.weight, cfg.llal_cfg.margin
-            hooks.append(LLALStopGradHook(cfg.llal_cfg.stop_grad_fraction))
         label = "reference" if strategy is None else self._label(strategy)
         with run_dir(cfg.work_dir, f"{label}_seed{seed}_round{r}", "taskal_mmseg_") as work:
             train_cfg = dataclasses.replace(cfg.mmseg_train_cfg, work_dir=str(work))
-            train_mmseg(cfg.mmseg_cfg, pool, ids, train_cfg, init_seed, model, hooks)
-        model.to(torch.device(cfg.device))
-        if isinstance(model, LLALSegmentor):
-            adapter.attach_loss_predictor(model.loss_predictor)
-        return adapter
+            return fit_mmseg(
+                cfg.mmseg_cfg,
+                pool,
+                ids,
+                train_cfg,
+                init_seed,
+                strategy,
+                regions=cfg.pixel_regions,
+                adapter_kwargs=cfg.adapter,
+                llal_cfg=cfg.llal_cfg,
+                device=cfg.device,
+            )
 
     def _label(self, strategy: QueryStrategy) -> str:
         return next((name for name, s in self.strategies if s is strategy), "train")

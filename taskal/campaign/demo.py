@@ -1,0 +1,92 @@
+"""The bundled demo campaign: synthetic medical images split into what a real campaign has
+(a few labeled images, an unlabeled pool, a labeled evaluation set) plus the pool's true
+masks, read only by :func:`answer_queries`, the simulated annotator."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from taskal.data.synthetic_seg import ensure_synthetic_segmentation
+from taskal.masks import UNLABELED, item_file
+
+
+def make_demo_segmentation(
+    root: str | Path,
+    num_labeled: int = 8,
+    num_pool: int = 120,
+    num_eval: int = 40,
+    image_size: tuple[int, int] = (64, 64),
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write (once) ``root/{labeled,pool,eval}/images``, ``labeled/masks``, ``eval/masks`` and
+    ``oracle/masks`` (the pool's truth, for :func:`answer_queries` only).
+
+    Returns:
+        the folders by name (``labeled_images``, ``pool_images``, ``oracle_masks``, ...).
+    """
+    root = Path(root)
+    args = dict(
+        num_labeled=num_labeled,
+        num_pool=num_pool,
+        num_eval=num_eval,
+        image_size=list(image_size),
+        seed=seed,
+    )
+    folders = {
+        "labeled_images": root / "labeled" / "images",
+        "labeled_masks": root / "labeled" / "masks",
+        "pool_images": root / "pool" / "images",
+        "oracle_masks": root / "oracle" / "masks",
+        "eval_images": root / "eval" / "images",
+        "eval_masks": root / "eval" / "masks",
+    }
+    stamp = root / "demo.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == args:
+        return folders
+    if stamp.is_file():
+        raise ValueError(f"{root} holds a demo made with other settings; choose another folder")
+    total = num_labeled + num_pool + num_eval
+    source = ensure_synthetic_segmentation(
+        root / "source", num_images=total, image_size=tuple(image_size), seed=seed
+    )
+    names = sorted(p.name for p in Path(source.img_dir).glob("*.png"))
+    parts = {
+        ("labeled_images", "labeled_masks"): names[:num_labeled],
+        ("pool_images", "oracle_masks"): names[num_labeled : num_labeled + num_pool],
+        ("eval_images", "eval_masks"): names[num_labeled + num_pool :],
+    }
+    for (images, masks), chosen in parts.items():
+        for key in (images, masks):
+            shutil.rmtree(folders[key], ignore_errors=True)
+            folders[key].mkdir(parents=True)
+        for name in chosen:
+            shutil.copyfile(Path(source.img_dir) / name, folders[images] / name)
+            shutil.copyfile(Path(source.ann_dir) / name, folders[masks] / name)
+    stamp.write_text(json.dumps(args))
+    return folders
+
+
+def answer_queries(queries_dir: str | Path, oracle_masks: str | Path, out_dir: str | Path) -> Path:
+    """The simulated annotator: for every query of a round's ``queries/`` folder, the true
+    labels on the asked pixels (``query_masks/<item>.png`` is 1 there) and 255 elsewhere,
+    written as ``out_dir/<item>.png`` (what ``tools/campaign.py import`` reads)."""
+    queries_dir, out = Path(queries_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    listing: list[dict[str, Any]] = json.loads((queries_dir / "queries.json").read_text())
+    for item in dict.fromkeys(str(q["item"]) for q in listing):
+        name = item_file(item)
+        with Image.open(queries_dir / "query_masks" / name) as asked:
+            where = np.asarray(asked) == 1
+        with Image.open(Path(oracle_masks) / item) as truth:
+            labels = np.asarray(truth)
+        Image.fromarray(np.where(where, labels, UNLABELED).astype(np.uint8)).save(out / name)
+    return out
+
+
+__all__ = ["answer_queries", "make_demo_segmentation"]

@@ -1,0 +1,117 @@
+"""The interface every task's campaign kit implements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from mmengine.config import Config
+from torch import nn
+
+from taskal.campaign.settings import CampaignSettings
+from taskal.campaign.store import CampaignError, LabelRow, NewLabel
+from taskal.data.images import ImagePool, list_images
+from taskal.queries import Query
+from taskal.strategies.base import QueryStrategy
+from taskal.types import Adapter
+
+
+class TaskKit:
+    """A task's data, labels, model and exports for a campaign.
+
+    Args:
+        cfg: the campaign config (an OpenMMLab config with the ``al`` block).
+        settings: its resolved ``al`` block.
+    """
+
+    task: ClassVar[str]
+    label_kind: ClassVar[str]  # how labels are stored: "class", "boxes" or "mask"
+    #: what the budget and the report's cost count
+    cost_unit: str = "images"
+
+    def __init__(self, cfg: Config, settings: CampaignSettings) -> None:
+        self.cfg = cfg
+        self.settings = settings
+
+    @property
+    def classes(self) -> list[str]:
+        raise NotImplementedError
+
+    # ---- data ----------------------------------------------------------------------------
+
+    def pool_files(self) -> list[tuple[str, str]]:
+        """``(key, path)`` of every unlabeled image in ``al.pool.img_dir``."""
+        root = Path(self.settings.pool["img_dir"])
+        try:
+            names = list_images(root)
+        except (FileNotFoundError, ValueError) as err:
+            raise CampaignError(f"al.pool: {err}") from None
+        return [(name, str((root / name).resolve())) for name in names]
+
+    def initial(self) -> tuple[list[tuple[str, str]], list[NewLabel]]:
+        """The labeled images the campaign starts with and their labels."""
+        raise NotImplementedError
+
+    def pool(self, files: Sequence[tuple[str, str]]) -> ImagePool:
+        return ImagePool(files)
+
+    # ---- model ---------------------------------------------------------------------------
+
+    def train(
+        self,
+        pool: ImagePool,
+        labels: dict[str, list[LabelRow]],
+        work_dir: Path,
+        seed: int,
+        strategy: QueryStrategy,
+    ) -> Adapter:
+        """A model trained on the labeled items, wrapped in its adapter."""
+        raise NotImplementedError
+
+    def trained_module(self, adapter: Adapter) -> nn.Module:
+        """What a checkpoint holds: the model, with its LLAL module when it has one."""
+        raise NotImplementedError
+
+    def load(self, checkpoint: Path, strategy: QueryStrategy, trusted: bool) -> Adapter:
+        """An adapter over the config's model with ``checkpoint``'s weights."""
+        raise NotImplementedError
+
+    # ---- labels --------------------------------------------------------------------------
+
+    def read_labels(
+        self,
+        path: Path,
+        pool: ImagePool,
+        recorded: dict[str, list[LabelRow]],
+        overwrite: bool = False,
+    ) -> list[NewLabel]:
+        """Labels returned by annotators (a file or folder), checked, in the store's encoding."""
+        raise NotImplementedError
+
+    # ---- outputs -------------------------------------------------------------------------
+
+    def evaluate(self, adapter: Adapter) -> dict[str, float]:
+        """Metrics of the model on ``al.eval``'s labeled images (none without it)."""
+        return {}
+
+    def stop_predictions(self, adapter: Adapter, pool: ImagePool, ids: Sequence[str]) -> np.ndarray:
+        """The model's predicted labels on the stop set, flat (compared across rounds)."""
+        raise NotImplementedError
+
+    def export(
+        self, out_dir: Path, queries: Sequence[Query], pool: ImagePool, adapter: Adapter
+    ) -> list[Path]:
+        """Write what annotators receive for ``queries`` into ``out_dir``."""
+        raise NotImplementedError
+
+    def gallery(self, queries: Sequence[Query], pool: ImagePool, adapter: Adapter) -> list[Any]:
+        """Report entries for the top queries."""
+        return []
+
+    def batch_classes(
+        self, queries: Sequence[Query], pool: ImagePool, adapter: Adapter
+    ) -> dict[str, int]:
+        """Predicted classes of the queried items, counted (the report's batch chart)."""
+        return {}

@@ -1,0 +1,51 @@
+"""One selection round, shared by simulations and label campaigns: the same seeds, the same
+selector, so that what ``tools/simulate.py`` measures is what ``tools/al_round.py`` runs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from taskal.queries import LabelState, Query
+from taskal.selector import Selector
+from taskal.strategies.base import QueryStrategy
+from taskal.types import Adapter, ItemId
+
+
+def mix_seed(*parts: int) -> int:
+    """A deterministic seed from several integers."""
+    value = 0x9E3779B9
+    for p in parts:
+        value = (value * 1_000_003 + int(p) + 1) % (2**61 - 1)
+    return value
+
+
+def train_seed(seed: int, r: int, member: int | None = None) -> int:
+    """The seed of round ``r``'s model initialisation (and data order with a Runner)."""
+    return mix_seed(seed, r, 0) if member is None else mix_seed(seed, r, 0, member)
+
+
+def select_round(
+    adapter: Adapter,
+    strategy: QueryStrategy,
+    pool: Any,
+    labeled: list[ItemId] | LabelState,
+    budget: float,
+    seed: int,
+    r: int,
+    *,
+    query: str = "item",
+    batch_size: int = 256,
+    progress: bool = False,
+    options: Mapping[str, Any] | None = None,
+) -> list[Query]:
+    """Round ``r``'s queries: ``budget`` items (or annotation cost of regions) of ``pool``
+    not in ``labeled``, with ties and random draws from a generator seeded by ``(seed, r)``."""
+    selector = Selector(strategy, batch_size, progress, query, **dict(options or {}))
+    g = torch.Generator().manual_seed(mix_seed(seed, r, 1))
+    return selector.select(adapter, pool, labeled, budget, g)
+
+
+__all__ = ["mix_seed", "select_round", "train_seed"]
