@@ -4,7 +4,7 @@ selector, so that what ``tools/simulate.py`` measures is what ``tools/al_round.p
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,6 +27,13 @@ def train_seed(seed: int, r: int, member: int | None = None) -> int:
     return mix_seed(seed, r, 0) if member is None else mix_seed(seed, r, 0, member)
 
 
+class Selection(NamedTuple):
+    """A round's queries and the scores they were chosen from (``Selector.last_scores``)."""
+
+    queries: list[Query]
+    scores: torch.Tensor | None
+
+
 def select_round(
     adapter: Adapter,
     strategy: QueryStrategy,
@@ -40,12 +47,13 @@ def select_round(
     batch_size: int = 256,
     progress: bool = False,
     options: Mapping[str, Any] | None = None,
-) -> list[Query]:
+) -> Selection:
     """Round ``r``'s queries: ``budget`` items (or annotation cost of regions) of ``pool``
     not in ``labeled``, with ties and random draws from a generator seeded by ``(seed, r)``."""
     selector = Selector(strategy, batch_size, progress, query, **dict(options or {}))
     g = torch.Generator().manual_seed(mix_seed(seed, r, 1))
-    return selector.select(adapter, pool, labeled, budget, g)
+    queries = selector.select(adapter, pool, labeled, budget, g)
+    return Selection(queries, selector.last_scores)
 
 
-__all__ = ["mix_seed", "select_round", "train_seed"]
+__all__ = ["Selection", "mix_seed", "select_round", "train_seed"]

@@ -176,6 +176,10 @@ class Selector:
         self.batch_size = batch_size
         self.progress = progress
         self.query = query
+        #: the last :meth:`select`'s scores: per candidate item (item queries; ``None`` for
+        #: strategies that score no items, e.g. core-set), or of the best regions kept
+        #: while streaming (region queries)
+        self.last_scores: Tensor | None = None
 
     def select(
         self,
@@ -233,7 +237,9 @@ class Selector:
                 adapter, source, candidates, labeled_ids, buffer, state, generator
             )
         if buffer is not None:
+            self.last_scores = buffer.score.clone()
             return buffer.queries(candidates)
+        self.last_scores = None if outputs.scores_N is None else outputs.scores_N.clone()
         positions = self.strategy.select(outputs, int(budget), generator)
         pos = self._check_positions(positions, len(candidates), int(budget))
         scores = outputs.scores_N

@@ -156,7 +156,7 @@ def run_round(
         )
     t0 = time.perf_counter()
     selectable = pool.subset([k for k in files if k not in set(stop_ids)])
-    queries = select_round(
+    queries, pool_scores = select_round(
         adapter,
         strategy,
         selectable,
@@ -185,10 +185,12 @@ def run_round(
     out_dir = _write_outputs(kit, round_dir, queries, rows, pool, adapter, config_text)
     _maybe_die("exported")
     labeled = sum(1 for s in campaign.statuses().values() if s in ("labeled", "partial"))
-    metrics.update(labeled=labeled, cost=float(sum(q.cost for q in queries)))
+    spent = sum(q.cost for q in campaign.queries()) + sum(q.cost for q in queries)
+    metrics.update(labeled=labeled, cost=float(spent))
     gallery = kit.gallery(queries, pool, adapter)
     counts = kit.batch_classes(queries, pool, adapter)
-    scores = np.array([q.score for q in queries], dtype=np.float64)
+    shown = pool_scores if pool_scores is not None else torch.tensor([q.score for q in queries])
+    scores = shown.double().numpy()
     campaign.finish_round(r, rows, select_seconds, metrics, _npy(stop_preds))
     _maybe_die("selected")
     report = write_campaign_report(campaign, work_dir, scores, counts, gallery, kit)

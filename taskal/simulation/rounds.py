@@ -126,7 +126,7 @@ class RoundLoop:
             select_seconds = 0.0
             if r < cfg.rounds:
                 t1 = time.perf_counter()
-                queries = select_round(
+                queries, _ = select_round(
                     adapter,
                     strategy,
                     self.pool,
