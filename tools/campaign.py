@@ -17,15 +17,24 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
-from mmengine.config import DictAction
-
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError)
+
+# third-party deprecation notices that say nothing to a campaign's user
+for _message in (
+    "pkg_resources is deprecated",
+    "``build_loss`` would be deprecated",
+    "Default ``avg_non_ignore`` is False",
+):
+    warnings.filterwarnings("ignore", message=_message)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    from mmengine.config import DictAction
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = p.add_subparsers(dest="command", required=True)

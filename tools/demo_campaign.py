@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,15 @@ def _tool(name: str) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# third-party deprecation notices that say nothing to a campaign's user
+for _message in (
+    "pkg_resources is deprecated",
+    "``build_loss`` would be deprecated",
+    "Default ``avg_non_ignore`` is False",
+):
+    warnings.filterwarnings("ignore", message=_message)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

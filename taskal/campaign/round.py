@@ -125,11 +125,12 @@ def run_round(
 ) -> RoundResult:
     """Run (or, with ``options.resume``, finish) the campaign's next round."""
     strategy = _strategy(settings)
-    given = None
-    fresh = not (options.resume or options.train) and campaign.interrupted() is None
-    if fresh and options.checkpoint is not None and options.checkpoint.is_file():
-        # a checkpoint that does not fit the model is refused before anything is recorded
-        given = kit.load(options.checkpoint, strategy, options.trust_checkpoint)
+    interrupted = campaign.interrupted()
+    given = None  # a given checkpoint is checked against the model before anything is recorded
+    unstarted = interrupted is None or interrupted.state == "started"
+    checkpoint = options.checkpoint
+    if unstarted and not options.train and checkpoint is not None and checkpoint.is_file():
+        given = kit.load(checkpoint, strategy, options.trust_checkpoint)
     r = _begin(campaign, settings, config_text, options)
     round_dir = work_dir / "rounds" / f"round_{r:03d}"
     round_dir.mkdir(parents=True, exist_ok=True)
@@ -210,6 +211,14 @@ def _begin(
 ) -> int:
     """The round to run: the interrupted one with ``resume``, else a new one, started."""
     interrupted = campaign.interrupted()
+    name = strategy_name(settings.strategy)
+    if interrupted is not None and interrupted.state == "started":
+        # killed before its model existed: nothing of it but its row, so it simply restarts
+        # with this run's settings (with or without --resume)
+        _check_start(campaign, settings, options)
+        r = interrupted.round
+        campaign.restart_round(r, name, settings.seed, settings.budget, settings.query, config_text)
+        return r
     if interrupted is not None and not options.resume:
         raise CampaignError(
             f"round {interrupted.round} was interrupted ({interrupted.state}); run again with "
@@ -227,15 +236,18 @@ def _begin(
             f"nothing to resume: every round is finished; run without --resume to start round "
             f"{campaign.next_round()}"
         )
+    _check_start(campaign, settings, options)
+    r = campaign.next_round()
+    campaign.start_round(r, name, settings.seed, settings.budget, settings.query, config_text)
+    return r
+
+
+def _check_start(campaign: Campaign, settings: CampaignSettings, options: RoundOptions) -> None:
     if not options.train and options.checkpoint is None:
         raise CampaignError("give --checkpoint CKPT to score with a trained model, or --train")
     if options.checkpoint is not None and not options.checkpoint.is_file():
         raise CampaignError(f"checkpoint {options.checkpoint} does not exist")
     _check_budget(campaign, settings)
-    r = campaign.next_round()
-    name = strategy_name(settings.strategy)
-    campaign.start_round(r, name, settings.seed, settings.budget, settings.query, config_text)
-    return r
 
 
 def _check_budget(campaign: Campaign, settings: CampaignSettings) -> None:

@@ -364,6 +364,20 @@ class Campaign:
                 (r, strategy, seed, budget, query, config, _now()),
             )
 
+    def restart_round(
+        self, r: int, strategy: str, seed: int, budget: float, query: str, config: str
+    ) -> None:
+        """Give round ``r``, started but neither trained nor selected (nothing of it exists
+        but its row), new settings."""
+        with self.transaction() as db:
+            changed = db.execute(
+                "UPDATE rounds SET strategy = ?, seed = ?, budget = ?, query = ?, config = ?, "
+                "started_at = ? WHERE round = ? AND state = 'started'",
+                (strategy, seed, budget, query, config, _now(), r),
+            ).rowcount
+            if changed != 1:
+                raise CampaignError(f"round {r} is past its start; finish it with --resume")
+
     def mark_trained(self, r: int, checkpoint: str, seconds: float) -> None:
         with self.transaction() as db:
             db.execute(

@@ -154,8 +154,11 @@ def test_a_killed_round_is_unchanged_or_resumable(
     if point == "selected":
         assert [r.state for r in rounds] == ["selected"]
         assert al_round.run(_args(demo, work, "--resume")) == 2  # nothing to resume
+    elif point == "started":  # nothing but the round's row exists: a plain run restarts it
+        assert [r.state for r in rounds] == ["started"]
+        assert al_round.run(_args(demo, work, "--checkpoint", _checkpoint(demo))) == 0
     else:
-        assert [r.state for r in rounds] == ["trained" if point != "started" else "started"]
+        assert [r.state for r in rounds] == ["trained"]
         before = _digest(work)
         assert al_round.run(_args(demo, work, "--checkpoint", _checkpoint(demo))) == 2
         assert _digest(work) == before  # refused without --resume, unchanged
