@@ -50,6 +50,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="finish the interrupted round")
     p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start the interrupted round again with this config (its model is not reused)",
+    )
+    p.add_argument(
         "--trust-checkpoint",
         action="store_true",
         help="unpickle --checkpoint fully (only for a file you trust: it can run code)",
@@ -75,6 +80,7 @@ def main(args: argparse.Namespace) -> Any:
         checkpoint=args.checkpoint,
         trust_checkpoint=args.trust_checkpoint,
         resume=args.resume,
+        restart=args.restart,
         progress=not args.no_progress,
     )
     with open_campaign(kit, work_dir, settings) as campaign:

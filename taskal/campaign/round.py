@@ -57,6 +57,7 @@ class RoundOptions:
     checkpoint: Path | None = None
     trust_checkpoint: bool = False
     resume: bool = False
+    restart: bool = False
     progress: bool = True
 
 
@@ -127,7 +128,7 @@ def run_round(
     strategy = _strategy(settings)
     interrupted = campaign.interrupted()
     given = None  # a given checkpoint is checked against the model before anything is recorded
-    unstarted = interrupted is None or interrupted.state == "started"
+    unstarted = interrupted is None or interrupted.state == "started" or options.restart
     checkpoint = options.checkpoint
     if unstarted and not options.train and checkpoint is not None and checkpoint.is_file():
         given = kit.load(checkpoint, strategy, options.trust_checkpoint)
@@ -212,9 +213,9 @@ def _begin(
     """The round to run: the interrupted one with ``resume``, else a new one, started."""
     interrupted = campaign.interrupted()
     name = strategy_name(settings.strategy)
-    if interrupted is not None and interrupted.state == "started":
-        # killed before its model existed: nothing of it but its row, so it simply restarts
-        # with this run's settings (with or without --resume)
+    if interrupted is not None and (interrupted.state == "started" or options.restart):
+        # killed before its model existed (nothing of it but its row), or restarted on
+        # request: it starts again with this run's settings
         _check_start(campaign, settings, options)
         r = interrupted.round
         campaign.restart_round(r, name, settings.seed, settings.budget, settings.query, config_text)
@@ -222,18 +223,20 @@ def _begin(
     if interrupted is not None and not options.resume:
         raise CampaignError(
             f"round {interrupted.round} was interrupted ({interrupted.state}); run again with "
-            "--resume to finish it"
+            "--resume to finish it, or with --restart to start it again"
         )
     if interrupted is not None:
         if interrupted.config != config_text:
             raise CampaignError(
                 f"the config differs from the one round {interrupted.round} started with; "
-                "resume with the same config and options"
+                "resume with the same config, or pass --restart to start the round again with "
+                "this one"
             )
         return interrupted.round
-    if options.resume:
+    if options.resume or options.restart:
         raise CampaignError(
-            f"nothing to resume: every round is finished; run without --resume to start round "
+            f"nothing to resume or restart: every round is finished; run without --resume or "
+            f"--restart to start round "
             f"{campaign.next_round()}"
         )
     _check_start(campaign, settings, options)

@@ -367,16 +367,17 @@ class Campaign:
     def restart_round(
         self, r: int, strategy: str, seed: int, budget: float, query: str, config: str
     ) -> None:
-        """Give round ``r``, started but neither trained nor selected (nothing of it exists
-        but its row), new settings."""
+        """Start round ``r``, interrupted before it selected, again with new settings; its
+        model, if it had one, is forgotten (its file stays on disk)."""
         with self.transaction() as db:
             changed = db.execute(
-                "UPDATE rounds SET strategy = ?, seed = ?, budget = ?, query = ?, config = ?, "
-                "started_at = ? WHERE round = ? AND state = 'started'",
+                "UPDATE rounds SET state = 'started', strategy = ?, seed = ?, budget = ?, "
+                "query = ?, config = ?, started_at = ?, checkpoint = NULL, train_seconds = NULL "
+                "WHERE round = ? AND state != 'selected'",
                 (strategy, seed, budget, query, config, _now(), r),
             ).rowcount
             if changed != 1:
-                raise CampaignError(f"round {r} is past its start; finish it with --resume")
+                raise CampaignError(f"round {r} has finished; start the next one instead")
 
     def mark_trained(self, r: int, checkpoint: str, seconds: float) -> None:
         with self.transaction() as db:

@@ -62,6 +62,14 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"root": root, "config": config, "folders": folders, "first": first}
 
 
+@pytest.fixture(scope="module")
+def scored(demo: dict[str, Any]) -> list[tuple[str, int]]:
+    """Round 0's queries of an uninterrupted run scoring round 0's checkpoint of ``demo``."""
+    work = demo["root"] / "scored"
+    assert al_round.run(_args(demo, work, "--checkpoint", _checkpoint(demo))) == 0
+    return _queries(work)
+
+
 def _args(demo: dict[str, Any], work: Path, *extra: str) -> list[str]:
     return [str(demo["config"]), "--work-dir", str(work), "--no-progress", *extra]
 
@@ -139,10 +147,8 @@ def test_labels_round_trip_into_the_next_round(demo: dict[str, Any], tmp_path: P
 
 @pytest.mark.parametrize("point", ["started", "trained", "exported", "selected"])
 def test_a_killed_round_is_unchanged_or_resumable(
-    demo: dict[str, Any], tmp_path: Path, point: str
+    demo: dict[str, Any], scored: list[tuple[str, int]], tmp_path: Path, point: str
 ) -> None:
-    reference = tmp_path / "reference"
-    assert al_round.run(_args(demo, reference, "--checkpoint", _checkpoint(demo))) == 0
     work = tmp_path / "work"
     env = dict(os.environ, **{KILL_AT_ENV: point, "OMP_NUM_THREADS": "1"})
     cmd = [sys.executable, str(ROOT / "tools/al_round.py")]
@@ -164,10 +170,29 @@ def test_a_killed_round_is_unchanged_or_resumable(
         assert _digest(work) == before  # refused without --resume, unchanged
         assert al_round.run(_args(demo, work, "--checkpoint", _checkpoint(demo), "--resume")) == 0
     queries = _queries(work)
-    assert queries == _queries(reference)
+    assert queries == scored
     assert len(set(queries)) == len(queries) == BUDGET
     assert (work / "rounds/round_000/queries/queries.json").is_file()
     assert not (work / "rounds/round_000/.queries.tmp").exists()
+
+
+def test_an_interrupted_round_restarts_with_other_settings(
+    demo: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "work"
+    env = dict(os.environ, **{KILL_AT_ENV: "trained", "OMP_NUM_THREADS": "1"})
+    ckpt = ["--checkpoint", _checkpoint(demo)]
+    cmd = [sys.executable, str(ROOT / "tools/al_round.py"), *_args(demo, work, *ckpt)]
+    assert subprocess.run(cmd, env=env, capture_output=True, cwd=ROOT).returncode == -9
+    before = _digest(work)
+    line = _refused(
+        capsys, work, al_round.run(_args(demo, work, *ckpt, "--resume", "--budget", "2"))
+    )
+    assert "--restart" in line and _digest(work) == before
+    assert al_round.run(_args(demo, work, *ckpt, "--restart", "--budget", "2")) == 0
+    with Campaign.open(work / DB_NAME) as c:
+        assert [(r.state, r.budget) for r in c.rounds()] == [("selected", 2.0)]
+        assert len(c.queries(0)) == 2
 
 
 def test_a_round_killed_while_training_retrains_to_the_same_queries(
