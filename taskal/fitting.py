@@ -9,7 +9,7 @@ its LLAL module, trained jointly and attached to the adapter afterwards.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,16 +20,40 @@ from torch import nn
 from taskal.adapters._segmentation import PixelRegions
 from taskal.adapters.mmdet_detection import MMDetAdapter
 from taskal.adapters.mmseg_segmentation import MMSegAdapter
+from taskal.llal.module import LossPredictionModule
 from taskal.llal.openmmlab import LLALDetector, LLALSegmentor, LLALStopGradHook
 from taskal.strategies.base import QueryStrategy
-from taskal.training import LLALConfig
+from taskal.training import LLALConfig, TrainConfig, train_classifier
 from taskal.training_mmdet import MMDetTrainConfig, train_mmdet
 from taskal.training_mmseg import MMSegTrainConfig, train_mmseg
-from taskal.types import ItemId
+from taskal.types import Adapter, Batch, ItemId
 
 
 def _llal(strategy: QueryStrategy | None) -> bool:
     return strategy is not None and "loss_pred" in strategy.needs
+
+
+def fit_classifier(
+    make_adapter: Callable[[], Adapter],
+    labeled: Batch,
+    train_cfg: TrainConfig,
+    init_seed: int,
+    data_seed: int,
+    strategy: QueryStrategy | None = None,
+    llal_cfg: LLALConfig | None = None,
+) -> Adapter:
+    """The adapter ``make_adapter()`` builds (after ``torch.manual_seed(init_seed)``, so the
+    model's initialisation follows the seed) trained by :func:`train_classifier` on
+    ``labeled``, its data order drawn from ``data_seed``."""
+    torch.manual_seed(init_seed)
+    adapter = make_adapter()
+    llal = None
+    if _llal(strategy):
+        llal_cfg = llal_cfg or LLALConfig()
+        llal = LossPredictionModule(adapter.feature_info, hidden=llal_cfg.hidden)
+    g = torch.Generator().manual_seed(data_seed)
+    train_classifier(adapter, labeled, train_cfg, g, llal, llal_cfg)
+    return adapter
 
 
 def fit_mmseg(
@@ -100,4 +124,4 @@ def fit_mmdet(
     return adapter
 
 
-__all__ = ["fit_mmdet", "fit_mmseg"]
+__all__ = ["fit_classifier", "fit_mmdet", "fit_mmseg"]

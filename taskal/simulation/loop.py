@@ -16,19 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from mmengine.config import Config
 
 from taskal.adapters import EnsembleAdapter
 from taskal.data.pool import TensorPool
-from taskal.llal.module import LossPredictionModule
+from taskal.fitting import fit_classifier
 from taskal.models import build_model
 from taskal.registry import ADAPTERS, build
 from taskal.rounds import mix_seed
 from taskal.selector import QUERY_KINDS, Selector, build_strategy
 from taskal.simulation.rounds import Labeled, RoundLoop
 from taskal.strategies.base import QueryStrategy
-from taskal.training import LLALConfig, TrainConfig, accuracy, train_classifier
+from taskal.training import LLALConfig, TrainConfig, accuracy
 from taskal.types import Adapter
 
 SUPPORTED_TASKS = ("cls",)
@@ -246,29 +245,33 @@ class Simulation(RoundLoop):
         """Top-1 accuracy on the test split (of the first member for an ensemble)."""
         return accuracy(_first_member(adapter), self.test_batch)
 
+    def _new_adapter(self) -> Adapter:
+        model = build_model(copy.deepcopy(self.model_cfg))
+        return build(
+            ADAPTERS,
+            dict(self.cfg.adapter),
+            model=model,
+            input_shape=self.input_shape,
+            device=self.cfg.device,
+        )
+
     def train(self, strategy: QueryStrategy, labeled: Labeled, seed: int, r: int) -> Adapter:
         """Train a fresh model (or ensemble) on ``labeled`` for round ``r``."""
         assert isinstance(labeled, list), "classification queries whole items"
         batch = self.pool.take(labeled)
         members = self.cfg.ensemble_size if strategy.sampling == "ensemble" else 1
-        use_llal = "loss_pred" in strategy.needs
-        adapters = []
-        for m in range(members):
-            torch.manual_seed(mix_seed(seed, r, 0, m))
-            model = build_model(copy.deepcopy(self.model_cfg))
-            adapter = build(
-                ADAPTERS,
-                dict(self.cfg.adapter),
-                model=model,
-                input_shape=self.input_shape,
-                device=self.cfg.device,
+        adapters = [
+            fit_classifier(
+                self._new_adapter,
+                batch,
+                self.cfg.train_cfg,
+                mix_seed(seed, r, 0, m),
+                mix_seed(seed, r, 2, m),
+                strategy,
+                self.cfg.llal_cfg,
             )
-            llal = None
-            if use_llal:
-                llal = LossPredictionModule(adapter.feature_info, hidden=self.cfg.llal_cfg.hidden)
-            g = torch.Generator().manual_seed(mix_seed(seed, r, 2, m))
-            train_classifier(adapter, batch, self.cfg.train_cfg, g, llal, self.cfg.llal_cfg)
-            adapters.append(adapter)
+            for m in range(members)
+        ]
         return adapters[0] if members == 1 else EnsembleAdapter(adapters)
 
 

@@ -27,13 +27,14 @@ from taskal.campaign.store import CampaignError, LabelRow, NewLabel
 from taskal.campaign.tasks.base import TaskKit
 from taskal.checkpoints import load_weights
 from taskal.data.images import ImagePool, list_images
+from taskal.fitting import fit_classifier
 from taskal.llal.module import LossPredictionModule
 from taskal.models import build_model
 from taskal.queries import Query
 from taskal.rounds import mix_seed
 from taskal.selector import build_strategy
 from taskal.strategies.base import QueryStrategy
-from taskal.training import LLALConfig, TrainConfig, train_classifier
+from taskal.training import LLALConfig, TrainConfig
 from taskal.types import Adapter, Batch, ItemId
 
 #: the size images are resized to when the config sets no ``al.image_size``
@@ -179,14 +180,9 @@ class ClassificationKit(TaskKit):
                 "import labels first"
             )
         batch = self._labeled_batch(pool, keys, labels)
-        torch.manual_seed(seed)
-        adapter = self._adapter()
-        llal = None
-        if "loss_pred" in strategy.needs:
-            llal = LossPredictionModule(adapter.feature_info, hidden=self.llal_cfg.hidden)
-        g = torch.Generator().manual_seed(mix_seed(seed, 2))
-        train_classifier(adapter, batch, self.train_cfg, g, llal, self.llal_cfg)
-        return adapter
+        return fit_classifier(
+            self._adapter, batch, self.train_cfg, seed, mix_seed(seed, 2), strategy, self.llal_cfg
+        )
 
     def _labeled_batch(
         self, pool: ImagePool, keys: list[str], labels: dict[str, list[LabelRow]]
