@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +43,11 @@ from taskal.types import ItemId
 #: test hook: the process kills itself with SIGKILL when it reaches this named point
 KILL_AT_ENV = "TASKAL_KILL_AT"
 REPORT = "report.html"
+
+
+def _say(options: RoundOptions, message: str) -> None:
+    if options.progress:
+        print(f"[al_round] {message}", file=sys.stderr, flush=True)
 
 
 def _maybe_die(point: str) -> None:
@@ -158,6 +164,7 @@ def run_round(
         )
     t0 = time.perf_counter()
     selectable = pool.subset([k for k in files if k not in set(stop_ids)])
+    _say(options, f"round {r}: scoring the pool ({strategy_name(settings.strategy)})")
     queries, pool_scores = select_round(
         adapter,
         strategy,
@@ -288,6 +295,7 @@ def _model(
         return adapter
     t0 = time.perf_counter()
     labels = campaign.labels()
+    _say(options, f"round {r}: training on {len(labels)} labeled images")
     work = round_dir / "work"
     shutil.rmtree(work, ignore_errors=True)
     adapter = kit.train(pool, labels, work, train_seed(seed, r), strategy)
