@@ -5,8 +5,9 @@
     python tools/campaign.py export DIR --round N --to FOLDER
 
 ``import`` reads what annotators returned for the queried items: a folder of PNG label maps
-(255 on unlabeled pixels) or a Label Studio JSON export for segmentation, a Label Studio
-export or a JSON ``{item: class}`` for classification. Every label is checked first; if one
+(255 on unlabeled pixels) or a Label Studio JSON export for segmentation, a COCO json or a
+Label Studio export for detection, a Label Studio export or a JSON ``{item: class}`` for
+classification. Every label is checked first; if one
 fails, nothing is recorded. A label identical to a recorded one is skipped; a different
 label for a labeled item is refused unless ``--overwrite`` (the old one stays in the
 history). ``export`` copies a round's outputs (queries, COCO json, Label Studio tasks).
@@ -42,7 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     status.add_argument("work_dir")
     imp = sub.add_parser("import", help="record labels returned by annotators")
     imp.add_argument("work_dir")
-    imp.add_argument("labels", type=Path, help="a folder of masks or a JSON export")
+    imp.add_argument("labels", type=Path, help="a folder of masks, a COCO json or a JSON export")
     imp.add_argument("--config", required=True, help="the campaign's config")
     imp.add_argument("--cfg-options", nargs="+", action=DictAction, help="as for al_round.py")
     imp.add_argument("--overwrite", action="store_true", help="replace recorded labels")

@@ -3,6 +3,7 @@ annotator answering the queries in between, using the same commands a real campa
 
     python tools/demo_campaign.py                      # work_dirs/demo_campaign/<time>/
     python tools/demo_campaign.py --rounds 3 --work-dir work_dirs/my_demo
+    python tools/demo_campaign.py --task det           # mmdet's RetinaNet on synthetic shapes
 
 It writes the bundled synthetic medical demo data once (work_dirs/data/campaign_medical: 8
 labeled images, a pool of 120 without labels, 40 for evaluation), then per round:
@@ -26,7 +27,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "configs" / "campaign" / "unet_s5_synthetic_medical.py"
+CONFIGS = {
+    "seg": ROOT / "configs" / "campaign" / "unet_s5_synthetic_medical.py",
+    "det": ROOT / "configs" / "campaign" / "retinanet_r18_synthetic_shapes.py",
+}
 
 
 def _tool(name: str) -> Any:
@@ -52,12 +56,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--work-dir", help="the campaign's folder (default work_dirs/demo_campaign/<time>)"
     )
     p.add_argument("--rounds", type=int, default=2, help="rounds to run (default 2)")
+    p.add_argument(
+        "--task",
+        choices=sorted(CONFIGS),
+        default="seg",
+        help="seg: mmseg's UNet on synthetic medical images (default); det: mmdet's RetinaNet "
+        "R-18 on synthetic shapes",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    from taskal.campaign.demo import answer_queries, make_demo_segmentation
+    from taskal.campaign import demo
 
     if args.rounds < 1:
         print("demo_campaign: error: --rounds must be >= 1", file=sys.stderr)
@@ -70,18 +81,29 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    folders = make_demo_segmentation(ROOT / "work_dirs" / "data" / "campaign_medical")
+    config = CONFIGS[args.task]
+    if args.task == "seg":
+        folders = demo.make_demo_segmentation(ROOT / "work_dirs" / "data" / "campaign_medical")
+    else:
+        folders = demo.make_demo_detection(ROOT / "work_dirs" / "data" / "campaign_shapes")
     al_round, campaign = _tool("al_round"), _tool("campaign")
     extra = ["--no-progress"] if args.no_progress else []
     for r in range(args.rounds):
         if r > 0:
             asked = work / "rounds" / f"round_{r - 1:03d}" / "queries"
-            returned = answer_queries(asked, folders["oracle_masks"], work / f"returned_{r - 1}")
+            if args.task == "seg":
+                returned = demo.answer_queries(
+                    asked, folders["oracle_masks"], work / f"returned_{r - 1}"
+                )
+            else:
+                returned = demo.answer_detection_queries(
+                    asked, folders["oracle"], work / f"returned_{r - 1}.json"
+                )
             print(f"[demo] the simulated annotator labeled round {r - 1}'s queries: {returned}")
-            code = campaign.run(["import", str(work), str(returned), "--config", str(CONFIG)])
+            code = campaign.run(["import", str(work), str(returned), "--config", str(config)])
             if code:
                 return int(code)
-        code = al_round.run([str(CONFIG), "--work-dir", str(work), "--train", *extra])
+        code = al_round.run([str(config), "--work-dir", str(work), "--train", *extra])
         if code:
             return int(code)
     print(f"[demo] done: open {work / 'report.html'}")

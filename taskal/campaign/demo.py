@@ -1,17 +1,20 @@
-"""The bundled demo campaign: synthetic medical images split into what a real campaign has
-(a few labeled images, an unlabeled pool, a labeled evaluation set) plus the pool's true
-masks, read only by :func:`answer_queries`, the simulated annotator."""
+"""The bundled demo campaigns: synthetic medical images (segmentation) or shapes (detection)
+split into what a real campaign has (a few labeled images, an unlabeled pool, a labeled
+evaluation set) plus the pool's truth, read only by the simulated annotators
+(:func:`answer_queries`, :func:`answer_detection_queries`)."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from taskal.data.synthetic_det import ensure_synthetic_detection
 from taskal.data.synthetic_seg import ensure_synthetic_segmentation
 from taskal.masks import UNLABELED, item_file
 
@@ -89,4 +92,93 @@ def answer_queries(queries_dir: str | Path, oracle_masks: str | Path, out_dir: s
     return out
 
 
-__all__ = ["answer_queries", "make_demo_segmentation"]
+def _coco_subset(coco: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """The COCO json of the images named ``names`` only."""
+    wanted = set(names)
+    images = [i for i in coco["images"] if i["file_name"] in wanted]
+    ids = {i["id"] for i in images}
+    anns = [a for a in coco["annotations"] if a["image_id"] in ids]
+    return {"images": images, "annotations": anns, "categories": coco["categories"]}
+
+
+def make_demo_detection(
+    root: str | Path,
+    num_labeled: int = 16,
+    num_pool: int = 100,
+    num_eval: int = 40,
+    image_size: tuple[int, int] = (96, 96),
+    classes: Sequence[str] = ("circle", "square", "triangle"),
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write (once) ``root/labeled/{images,annotations.json}``, ``root/pool/images``,
+    ``root/eval/{images,annotations.json}`` and ``root/oracle/annotations.json`` (the pool's
+    truth, for :func:`answer_detection_queries` only) from synthetic shapes."""
+    root = Path(root)
+    args = dict(
+        num_labeled=num_labeled,
+        num_pool=num_pool,
+        num_eval=num_eval,
+        image_size=list(image_size),
+        classes=list(classes),
+        seed=seed,
+    )
+    folders = {
+        "labeled_images": root / "labeled" / "images",
+        "pool_images": root / "pool" / "images",
+        "eval_images": root / "eval" / "images",
+        "oracle": root / "oracle" / "annotations.json",
+    }
+    stamp = root / "demo.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == args:
+        return folders
+    if stamp.is_file():
+        raise ValueError(f"{root} holds a demo made with other settings; choose another folder")
+    source = ensure_synthetic_detection(
+        root / "source",
+        num_images=num_labeled + num_pool + num_eval,
+        image_size=tuple(image_size),
+        classes=tuple(classes),
+        objects_per_image=(1, 4),
+        object_scale=(0.15, 0.5),
+        seed=seed,
+    )
+    coco = json.loads(Path(source.ann_file).read_text())
+    names = [str(i["file_name"]) for i in coco["images"]]
+    parts = {
+        "labeled": names[:num_labeled],
+        "pool": names[num_labeled : num_labeled + num_pool],
+        "eval": names[num_labeled + num_pool :],
+    }
+    for part, chosen in parts.items():
+        shutil.rmtree(root / part, ignore_errors=True)
+        (root / part / "images").mkdir(parents=True)
+        for name in chosen:
+            shutil.copyfile(Path(source.img_dir) / name, root / part / "images" / name)
+        if part != "pool":
+            subset = _coco_subset(coco, chosen)
+            (root / part / "annotations.json").write_text(json.dumps(subset))
+    folders["oracle"].parent.mkdir(parents=True, exist_ok=True)
+    folders["oracle"].write_text(json.dumps(_coco_subset(coco, parts["pool"])))
+    stamp.write_text(json.dumps(args))
+    return folders
+
+
+def answer_detection_queries(
+    queries_dir: str | Path, oracle: str | Path, out_file: str | Path
+) -> Path:
+    """The simulated annotator for detection: the true boxes of a round's queried images as
+    a COCO json (what ``tools/campaign.py import`` reads)."""
+    listing = json.loads((Path(queries_dir) / "queries.json").read_text())
+    items = list(dict.fromkeys(str(q["item"]) for q in listing))
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_coco_subset(json.loads(Path(oracle).read_text()), items)))
+    return out
+
+
+__all__ = [
+    "answer_detection_queries",
+    "answer_queries",
+    "make_demo_detection",
+    "make_demo_segmentation",
+]

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from taskal.campaign.labelstudio import labeling_config
 from taskal.campaign.report import RoundSummary, write_report
 from taskal.campaign.settings import CampaignSettings
 from taskal.campaign.store import DB_NAME, WHOLE, Campaign, CampaignError, QueryRow
@@ -160,7 +161,7 @@ def run_round(
         metrics["kappa"] = cohen_kappa(
             torch.from_numpy(old.astype(np.int64)),
             torch.from_numpy(stop_preds.astype(np.int64)),
-            len(kit.classes),
+            kit.stop_values,
         )
     t0 = time.perf_counter()
     selectable = pool.subset([k for k in files if k not in set(stop_ids)])
@@ -333,6 +334,7 @@ def _write_outputs(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     kit.export(tmp, queries, pool, adapter)
+    (tmp / "label_studio_config.xml").write_text(labeling_config(kit.task, kit.classes))
     (tmp / "config.py").write_text(config_text)
     listing = [
         {"rank": q.rank, "item": q.item, "region": None if q.region == WHOLE else q.region}

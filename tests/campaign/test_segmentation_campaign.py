@@ -105,6 +105,7 @@ def test_a_round_records_queries_outputs_and_report(demo: dict[str, Any]) -> Non
     assert [q["item"] for q in listing] == [q.item for q in queries]
     coco = json.loads((out / "queries_coco.json").read_text())
     assert sorted(i["file_name"] for i in coco["images"]) == sorted(q.item for q in queries)
+    assert "<BrushLabels" in (out / "label_studio_config.xml").read_text()
     tasks = json.loads((out / "label_studio_tasks.json").read_text())
     assert [t["data"]["item"] for t in tasks] == [q.item for q in queries]
     assert sorted(p.name for p in (out / "query_masks").glob("*.png")) == sorted(

@@ -29,8 +29,12 @@ def task_kit(cfg: Config, settings: CampaignSettings) -> TaskKit:
         from taskal.campaign.tasks.classification import ClassificationKit
 
         kit = ClassificationKit
+    elif task == "det":
+        from taskal.campaign.tasks.detection import DetectionKit
+
+        kit = DetectionKit
     else:
-        raise CampaignError(f"campaigns for task {task!r} are not built yet (cls and seg are)")
+        raise CampaignError(f"campaigns for task {task!r} are not built yet (cls, det and seg are)")
     return kit(cfg, settings)
 
 

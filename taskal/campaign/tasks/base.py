@@ -39,6 +39,11 @@ class TaskKit:
     def classes(self) -> list[str]:
         raise NotImplementedError
 
+    @property
+    def stop_values(self) -> int:
+        """How many values :meth:`stop_predictions` takes (the classes by default)."""
+        return len(self.classes)
+
     # ---- data ----------------------------------------------------------------------------
 
     def pool_files(self) -> list[tuple[str, str]]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from taskal.adapters._segmentation import PixelRegions
 from taskal.adapters.mmseg_segmentation import MMSegAdapter
-from taskal.campaign.labelstudio import QueryView, labeling_config, read_export, write_tasks
+from taskal.campaign.labelstudio import QueryView, read_export, write_tasks
 from taskal.campaign.report import GalleryEntry
 from taskal.campaign.store import CampaignError, LabelRow, NewLabel
 from taskal.campaign.tasks.base import TaskKit
@@ -282,9 +282,7 @@ class SegmentationKit(TaskKit):
         files.append(
             write_tasks(out_dir / "label_studio_tasks.json", "seg", self.classes, views, "taskal")
         )
-        config = out_dir / "label_studio_config.xml"
-        config.write_text(labeling_config("seg", self.classes))
-        return [*files, config]
+        return files
 
     def _coco(
         self, path: Path, queries: Sequence[Query], pool: ImagePool, region: dict[Any, np.ndarray]
