@@ -148,6 +148,7 @@ def test_a_round_records_queries_outputs_and_report(demo: dict[str, Any]) -> Non
     out = work / "rounds" / "round_000" / "queries"
     assert sorted(p.name for p in out.iterdir()) == [
         "config.py",
+        "label_studio_config.xml",
         "label_studio_tasks.json",
         "queries.json",
         "queries_coco.json",
