@@ -46,7 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--cfg-options",
         nargs="+",
         action=DictAction,
-        help="override config settings, key=value (e.g. al.seed=1 mmseg_train.max_iters=50)",
+        help="override config settings, key=value (e.g. al.seed=1 al.train.max_iters=50)",
     )
     p.add_argument("--resume", action="store_true", help="finish the interrupted round")
     p.add_argument(
@@ -65,7 +65,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> Any:
-    from taskal.campaign.round import RoundOptions, open_campaign, run_round
+    from taskal.campaign.round import RoundOptions, run_round
     from taskal.campaign.settings import CampaignSettings, load_campaign_config
     from taskal.campaign.tasks import task_kit
     from taskal.registry import import_custom_modules
@@ -83,9 +83,8 @@ def main(args: argparse.Namespace) -> Any:
         restart=args.restart,
         progress=not args.no_progress,
     )
-    with open_campaign(kit, work_dir, settings) as campaign:
-        result = run_round(kit, campaign, settings, cfg.pretty_text, work_dir, options)
-        counts = campaign.counts()
+    result = run_round(kit, settings, cfg.pretty_text, work_dir, options)
+    counts = result.counts
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if k not in ("cost",))
     print(
         f"[al_round] round {result.round}: {len(result.queries)} queries in {result.out_dir} "

@@ -72,7 +72,7 @@ def status(work_dir: Path) -> dict[str, Any]:
 
 def import_labels(args: argparse.Namespace) -> list[str]:
     from taskal.campaign.settings import CampaignSettings, load_campaign_config
-    from taskal.campaign.store import DB_NAME, Campaign, CampaignError
+    from taskal.campaign.store import DB_NAME, Campaign, CampaignError, campaign_lock
     from taskal.campaign.tasks import task_kit
 
     cfg = load_campaign_config(args.config, args.cfg_options)
@@ -80,11 +80,25 @@ def import_labels(args: argparse.Namespace) -> list[str]:
     kit = task_kit(cfg, settings)
     if not args.labels.exists():
         raise CampaignError(f"{args.labels} does not exist")
-    with Campaign.open(Path(args.work_dir) / DB_NAME) as campaign:
-        if campaign.meta()["task"] != kit.task:
-            raise CampaignError(f"{args.work_dir} is not a {kit.task} campaign")
+    if not (Path(args.work_dir) / DB_NAME).is_file():
+        raise CampaignError(f"no campaign in {args.work_dir}; run tools/al_round.py to start one")
+    with campaign_lock(args.work_dir), Campaign.open(Path(args.work_dir) / DB_NAME) as campaign:
+        meta = campaign.meta()
+        if meta["task"] != kit.task or meta["classes"] != kit.classes:
+            raise CampaignError(
+                f"{args.work_dir} is a {meta['task']} campaign over classes {meta['classes']}; "
+                f"the config gives {kit.task} over {kit.classes}: import with the campaign's "
+                "config"
+            )
+        if (busy := campaign.interrupted()) is not None:
+            raise CampaignError(
+                f"round {busy.round} is under way ({busy.state}); finish it (al_round.py "
+                "--resume) before importing, so that it selects from the labels it started with"
+            )
         pool = kit.pool(list(campaign.items().items()))
         labels = kit.read_labels(args.labels, pool, campaign.labels(), args.overwrite)
+        if not labels:
+            raise CampaignError(f"{args.labels} holds no labels; nothing was imported")
         done = campaign.record_labels(labels, str(args.labels), args.overwrite)
         counts = campaign.counts()
     skipped = len(labels) - len(done)

@@ -19,7 +19,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,15 @@ import torch
 from taskal.campaign.labelstudio import labeling_config
 from taskal.campaign.report import RoundSummary, write_report
 from taskal.campaign.settings import CampaignSettings
-from taskal.campaign.store import DB_NAME, WHOLE, Campaign, CampaignError, QueryRow
+from taskal.campaign.store import (
+    DB_NAME,
+    WHOLE,
+    Campaign,
+    CampaignError,
+    QueryRow,
+    RoundRow,
+    campaign_lock,
+)
 from taskal.campaign.tasks import TaskKit
 from taskal.checkpoints import save_weights
 from taskal.data.images import ImagePool
@@ -75,6 +83,7 @@ class RoundResult:
     out_dir: Path
     report: Path
     metrics: dict[str, Any]
+    counts: dict[str, int]  # items per status afterwards
 
 
 def strategy_name(spec: Any) -> str:
@@ -83,29 +92,52 @@ def strategy_name(spec: Any) -> str:
     return str(spec.get("name") or spec.get("type"))
 
 
-def open_campaign(kit: TaskKit, work_dir: Path, settings: CampaignSettings) -> Campaign:
-    """The campaign in ``work_dir``, created from the config's data on first use; new images
-    in the pool folder join it, and images it knows must still exist."""
+@dataclass
+class _Plan:
+    """What a run found before writing anything: the campaign (or what a new one would
+    hold), the round to run and whether it starts now."""
+
+    campaign: Campaign | None
+    files: dict[str, str]  # every item of the campaign after this run: key -> path
+    new_files: list[tuple[str, str]]  # pool images the campaign does not know yet
+    initial: list[Any]  # a new campaign's labels
+    stop: list[str]
+    interrupted: RoundRow | None
+    starts: bool  # a round starts (or restarts) now; False: --resume
+
+
+def _existing(path: Path, kit: TaskKit) -> Campaign:
+    campaign = Campaign.open(path)
+    meta = campaign.meta()
+    if meta.get("task") != kit.task or meta.get("classes") != kit.classes:
+        campaign.close()
+        raise CampaignError(
+            f"{path} is a {meta.get('task')} campaign over classes {meta.get('classes')}; "
+            f"the config gives {kit.task} over {kit.classes}: use another --work-dir"
+        )
+    known = campaign.items()
+    missing = [k for k, p in known.items() if not Path(p).is_file()]
+    if missing:
+        campaign.close()
+        raise CampaignError(
+            f"{len(missing)} image(s) of the campaign are missing, e.g. {known[missing[0]]}; "
+            "restore them"
+        )
+    return campaign
+
+
+def _plan(kit: TaskKit, work_dir: Path, settings: CampaignSettings, options: RoundOptions) -> _Plan:
+    """Read the campaign (or the config's data for a new one) and decide the round."""
     path = work_dir / DB_NAME
     if path.exists():
-        campaign = Campaign.open(path)
-        meta = campaign.meta()
-        if meta.get("task") != kit.task or meta.get("classes") != kit.classes:
-            campaign.close()
-            raise CampaignError(
-                f"{path} is a {meta.get('task')} campaign over classes {meta.get('classes')}; "
-                f"the config gives {kit.task} over {kit.classes}: use another --work-dir"
-            )
-        known = campaign.items()
-        missing = [k for k, p in known.items() if not Path(p).is_file()]
-        if missing:
-            campaign.close()
-            raise CampaignError(
-                f"{len(missing)} image(s) of the campaign are missing, e.g. {known[missing[0]]}; "
-                "restore them"
-            )
-        campaign.add_items([f for f in kit.pool_files() if f[0] not in known])
-        return campaign
+        campaign = _existing(path, kit)
+        interrupted = campaign.interrupted()
+        starts = interrupted is None or interrupted.state == "started" or options.restart
+        files = campaign.items()
+        # images that appeared in the pool join when a round starts, never on --resume
+        new = [f for f in kit.pool_files() if f[0] not in files] if starts else []
+        kit.check_keys([*files, *(k for k, _ in new)])
+        return _Plan(campaign, {**files, **dict(new)}, new, [], [], interrupted, starts)
     labeled, initial = kit.initial()
     files = dict(labeled)
     for key, p in kit.pool_files():
@@ -114,32 +146,155 @@ def open_campaign(kit: TaskKit, work_dir: Path, settings: CampaignSettings) -> C
                 f"the labeled set and the pool both have an image named {key}; rename one"
             )
         files.setdefault(key, p)
+    kit.check_keys(list(files))
     unlabeled = [k for k in files if k not in dict(labeled)]
     g = torch.Generator().manual_seed(mix_seed(settings.seed, 7))
     count = min(settings.stop_set, len(unlabeled) // 2)
-    stop = [unlabeled[int(i)] for i in torch.randperm(len(unlabeled), generator=g)[:count]]
-    meta = {"task": kit.task, "classes": kit.classes, "cost_unit": kit.cost_unit}
-    source = "config training data"
-    return Campaign.create(path, meta, list(files.items()), sorted(stop), initial, source)
+    stop = sorted(unlabeled[int(i)] for i in torch.randperm(len(unlabeled), generator=g)[:count])
+    return _Plan(None, files, [], initial, stop, None, True)
 
 
 def run_round(
+    kit: TaskKit,
+    settings: CampaignSettings,
+    config_text: str,
+    work_dir: Path,
+    options: RoundOptions,
+) -> RoundResult:
+    """Run (or, with ``options.resume``, finish) the next round of the campaign in
+    ``work_dir``, creating the campaign on first use. Every check that can fail on a user's
+    mistake runs before the database is created or changed; one process at a time holds
+    ``work_dir`` (:func:`~taskal.campaign.store.campaign_lock`)."""
+    _check_options(options)
+    strategy = _strategy(settings)
+    kit.preflight()
+    with campaign_lock(work_dir):
+        plan = _plan(kit, work_dir, settings, options)
+        try:
+            given = _check(kit, plan, settings, config_text, options, strategy)
+            campaign = _record_start(kit, plan, settings, config_text, work_dir)
+        except BaseException:
+            if plan.campaign is not None:
+                plan.campaign.close()
+            raise
+        with campaign:
+            return _finish(kit, campaign, settings, config_text, work_dir, options, strategy, given)
+
+
+def _check_options(options: RoundOptions) -> None:
+    if options.train and options.checkpoint is not None:
+        raise CampaignError("give --train or --checkpoint, not both")
+    if options.resume and options.restart:
+        raise CampaignError("give --resume or --restart, not both")
+
+
+def _check(
+    kit: TaskKit,
+    plan: _Plan,
+    settings: CampaignSettings,
+    config_text: str,
+    options: RoundOptions,
+    strategy: QueryStrategy,
+) -> Any:
+    """Refuse what would fail later; returns the adapter of a given checkpoint, if any."""
+    busy = plan.interrupted
+    if busy is not None and not plan.starts and not options.resume:
+        raise CampaignError(
+            f"round {busy.round} was interrupted ({busy.state}); run again with --resume to "
+            "finish it, or with --restart to start it again"
+        )
+    if busy is None and (options.resume or options.restart):
+        nxt = 0 if plan.campaign is None else plan.campaign.next_round()
+        raise CampaignError(
+            "nothing to resume or restart: every round is finished; run without --resume or "
+            f"--restart to start round {nxt}"
+        )
+    if busy is not None and not plan.starts:
+        if busy.config != config_text:
+            raise CampaignError(
+                f"the config differs from the one round {busy.round} started with; resume with "
+                "the same config, or pass --restart to start the round again with this one"
+            )
+        if options.checkpoint is not None and _resolved(options.checkpoint) != busy.checkpoint:
+            raise CampaignError(
+                f"round {busy.round} was scored with {busy.checkpoint}; resume without "
+                "--checkpoint, or --restart with the new one"
+            )
+        return None
+    if not options.train and options.checkpoint is None:
+        raise CampaignError("give --checkpoint CKPT to score with a trained model, or --train")
+    if options.checkpoint is not None and not options.checkpoint.is_file():
+        raise CampaignError(f"checkpoint {options.checkpoint} does not exist")
+    status, labeled = _statuses(plan)
+    stop = set(plan.stop if plan.campaign is None else plan.campaign.stop_set())
+    if settings.query == "item":
+        left = sum(1 for k, s in status.items() if s == "unlabeled" and k not in stop)
+        if settings.budget > left:
+            raise CampaignError(
+                f"the budget ({int(settings.budget)}) is larger than the {left} image(s) left "
+                "to query; lower --budget"
+            )
+    if options.train and labeled < kit.min_labels:
+        raise CampaignError(
+            f"training needs at least {kit.min_labels} labeled image(s), the campaign has "
+            f"{labeled}; import labels first (tools/campaign.py import)"
+        )
+    if options.checkpoint is not None:  # refused here if it does not fit the model
+        return kit.load(options.checkpoint, strategy, options.trust_checkpoint)
+    return None
+
+
+def _statuses(plan: _Plan) -> tuple[dict[str, str], int]:
+    """Every item's status after this run's new items join, and how many are labeled."""
+    if plan.campaign is None:
+        labeled_keys = {x.item for x in plan.initial}
+        status = {k: "labeled" if k in labeled_keys else "unlabeled" for k in plan.files}
+    else:
+        status = {**plan.campaign.statuses(), **{k: "unlabeled" for k, _ in plan.new_files}}
+    return status, sum(1 for s in status.values() if s in ("labeled", "partial"))
+
+
+def _record_start(
+    kit: TaskKit, plan: _Plan, settings: CampaignSettings, config_text: str, work_dir: Path
+) -> Campaign:
+    """Create the campaign if new and record the round's start (or nothing, on --resume)."""
+    campaign = plan.campaign
+    if campaign is None:
+        meta = {"task": kit.task, "classes": kit.classes, "cost_unit": kit.cost_unit}
+        campaign = Campaign.create(
+            work_dir / DB_NAME,
+            meta,
+            list(plan.files.items()),
+            plan.stop,
+            plan.initial,
+            "config training data",
+        )
+    if not plan.starts:
+        return campaign
+    name = strategy_name(settings.strategy)
+    args = (name, settings.seed, settings.budget, settings.query, config_text)
+    busy = plan.interrupted
+    if busy is not None:
+        campaign.restart_round(busy.round, *args, new_items=plan.new_files)
+    else:
+        campaign.start_round(campaign.next_round(), *args, new_items=plan.new_files)
+    return campaign
+
+
+def _finish(
     kit: TaskKit,
     campaign: Campaign,
     settings: CampaignSettings,
     config_text: str,
     work_dir: Path,
     options: RoundOptions,
+    strategy: QueryStrategy,
+    given: Any,
 ) -> RoundResult:
-    """Run (or, with ``options.resume``, finish) the campaign's next round."""
-    strategy = _strategy(settings)
-    interrupted = campaign.interrupted()
-    given = None  # a given checkpoint is checked against the model before anything is recorded
-    unstarted = interrupted is None or interrupted.state == "started" or options.restart
-    checkpoint = options.checkpoint
-    if unstarted and not options.train and checkpoint is not None and checkpoint.is_file():
-        given = kit.load(checkpoint, strategy, options.trust_checkpoint)
-    r = _begin(campaign, settings, config_text, options)
+    """Train or load, score, select, export and record the round under way."""
+    busy = campaign.interrupted()
+    assert busy is not None
+    r = busy.round
     round_dir = work_dir / "rounds" / f"round_{r:03d}"
     round_dir.mkdir(parents=True, exist_ok=True)
     _maybe_die("started")
@@ -147,7 +302,7 @@ def run_round(
     pool = kit.pool(list(files.items()))
     if given is not None:
         assert options.checkpoint is not None
-        campaign.mark_trained(r, str(options.checkpoint), 0.0)
+        campaign.mark_trained(r, _resolved(options.checkpoint), 0.0)
         adapter = given
     else:
         adapter = _model(kit, campaign, r, round_dir, pool, strategy, options, settings.seed)
@@ -192,19 +347,28 @@ def run_round(
         )
         for rank, q in enumerate(queries)
     ]
-    out_dir = _write_outputs(kit, round_dir, queries, rows, pool, adapter, config_text)
-    _maybe_die("exported")
     labeled = sum(1 for s in campaign.statuses().values() if s in ("labeled", "partial"))
     spent = sum(q.cost for q in campaign.queries()) + sum(q.cost for q in queries)
     metrics.update(labeled=labeled, cost=float(spent))
-    gallery = kit.gallery(queries, pool, adapter)
-    counts = kit.batch_classes(queries, pool, adapter)
     shown = pool_scores if pool_scores is not None else torch.tensor([q.score for q in queries])
-    scores = shown.double().numpy()
+    report = _Report(
+        scores=shown.double().numpy(),
+        counts=kit.batch_classes(queries, pool, adapter),
+        gallery=kit.gallery(queries, pool, adapter),
+        current=_summary(r, strategy_name(settings.strategy), metrics),
+    )
+    out_dir = _write_outputs(
+        kit, round_dir, queries, rows, pool, adapter, config_text, report, campaign
+    )
+    _maybe_die("exported")
     campaign.finish_round(r, rows, select_seconds, metrics, _npy(stop_preds))
     _maybe_die("selected")
-    report = write_campaign_report(campaign, work_dir, scores, counts, gallery, kit)
-    return RoundResult(r, rows, out_dir, report, metrics)
+    latest = write_campaign_report(campaign, work_dir / REPORT, report, kit)
+    return RoundResult(r, rows, out_dir, latest, metrics, campaign.counts())
+
+
+def _resolved(path: Path) -> str:
+    return str(Path(path).resolve())
 
 
 def _strategy(settings: CampaignSettings) -> QueryStrategy:
@@ -213,64 +377,6 @@ def _strategy(settings: CampaignSettings) -> QueryStrategy:
     except (KeyError, ValueError, TypeError) as err:
         message = str(err.args[0]) if err.args else str(err)
         raise CampaignError(f"strategy {settings.strategy!r}: {message}") from None
-
-
-def _begin(
-    campaign: Campaign, settings: CampaignSettings, config_text: str, options: RoundOptions
-) -> int:
-    """The round to run: the interrupted one with ``resume``, else a new one, started."""
-    interrupted = campaign.interrupted()
-    name = strategy_name(settings.strategy)
-    if interrupted is not None and (interrupted.state == "started" or options.restart):
-        # killed before its model existed (nothing of it but its row), or restarted on
-        # request: it starts again with this run's settings
-        _check_start(campaign, settings, options)
-        r = interrupted.round
-        campaign.restart_round(r, name, settings.seed, settings.budget, settings.query, config_text)
-        return r
-    if interrupted is not None and not options.resume:
-        raise CampaignError(
-            f"round {interrupted.round} was interrupted ({interrupted.state}); run again with "
-            "--resume to finish it, or with --restart to start it again"
-        )
-    if interrupted is not None:
-        if interrupted.config != config_text:
-            raise CampaignError(
-                f"the config differs from the one round {interrupted.round} started with; "
-                "resume with the same config, or pass --restart to start the round again with "
-                "this one"
-            )
-        return interrupted.round
-    if options.resume or options.restart:
-        raise CampaignError(
-            f"nothing to resume or restart: every round is finished; run without --resume or "
-            f"--restart to start round "
-            f"{campaign.next_round()}"
-        )
-    _check_start(campaign, settings, options)
-    r = campaign.next_round()
-    campaign.start_round(r, name, settings.seed, settings.budget, settings.query, config_text)
-    return r
-
-
-def _check_start(campaign: Campaign, settings: CampaignSettings, options: RoundOptions) -> None:
-    if not options.train and options.checkpoint is None:
-        raise CampaignError("give --checkpoint CKPT to score with a trained model, or --train")
-    if options.checkpoint is not None and not options.checkpoint.is_file():
-        raise CampaignError(f"checkpoint {options.checkpoint} does not exist")
-    _check_budget(campaign, settings)
-
-
-def _check_budget(campaign: Campaign, settings: CampaignSettings) -> None:
-    if settings.query != "item":
-        return
-    stop = set(campaign.stop_set())
-    left = sum(1 for k, s in campaign.statuses().items() if s == "unlabeled" and k not in stop)
-    if settings.budget > left:
-        raise CampaignError(
-            f"the budget ({int(settings.budget)}) is larger than the {left} image(s) left to "
-            "query; lower --budget"
-        )
 
 
 def _model(
@@ -286,14 +392,8 @@ def _model(
     """Round ``r``'s adapter: trained (or reloaded after an interruption), or loaded."""
     row = next(x for x in campaign.rounds() if x.round == r)
     if row.state == "trained" and row.checkpoint:
-        # the checkpoint this round recorded: written by taskal, or given by the user
-        trusted = options.trust_checkpoint or row.checkpoint == str(round_dir / "model.pth")
-        return kit.load(Path(row.checkpoint), strategy, trusted)
-    if not options.train:
-        assert options.checkpoint is not None
-        adapter = kit.load(options.checkpoint, strategy, options.trust_checkpoint)
-        campaign.mark_trained(r, str(options.checkpoint), 0.0)
-        return adapter
+        # the checkpoint this round recorded (weights only, unless the user trusts it)
+        return kit.load(Path(row.checkpoint), strategy, options.trust_checkpoint)
     t0 = time.perf_counter()
     labels = campaign.labels()
     _say(options, f"round {r}: training on {len(labels)} labeled images")
@@ -302,7 +402,7 @@ def _model(
     adapter = kit.train(pool, labels, work, train_seed(seed, r), strategy)
     path = round_dir / "model.pth"
     save_weights(kit.trained_module(adapter), path, {"round": r, "task": kit.task})
-    campaign.mark_trained(r, str(path), time.perf_counter() - t0)
+    campaign.mark_trained(r, _resolved(path), time.perf_counter() - t0)
     return adapter
 
 
@@ -328,8 +428,11 @@ def _write_outputs(
     pool: ImagePool,
     adapter: Any,
     config_text: str,
+    report: _Report,
+    campaign: Campaign,
 ) -> Path:
-    """Write the round's outputs into a temporary folder, then rename it into place."""
+    """Write the round's outputs, its report included, into a temporary folder, then rename
+    it into place."""
     out, tmp = round_dir / "queries", round_dir / ".queries.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -342,6 +445,7 @@ def _write_outputs(
         for q in rows
     ]
     (tmp / "queries.json").write_text(json.dumps(listing, indent=1))
+    write_campaign_report(campaign, tmp / REPORT, report, kit)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -355,41 +459,46 @@ def _npy(array: np.ndarray | None) -> bytes | None:
     return buffer.getvalue()
 
 
-def write_campaign_report(
-    campaign: Campaign,
-    work_dir: Path,
-    scores: np.ndarray,
-    counts: dict[str, int],
-    gallery: list[Any],
-    kit: TaskKit,
-) -> Path:
-    """``<work_dir>/report.html`` from the recorded rounds and the latest round's data."""
-    summaries = []
-    for row in campaign.rounds():
-        if row.state != "selected":
-            continue
-        m = row.metrics
-        name = next((k for k in ("mIoU", "mAP", "accuracy") if k in m), None)
-        summaries.append(
-            RoundSummary(
-                round=row.round,
-                strategy=row.strategy,
-                labeled=int(m.get("labeled", 0)),
-                cost=m.get("cost"),
-                metric=None if name is None else float(m[name]),
-                metric_name=name,
-                kappa=m.get("kappa"),
-            )
-        )
-    finite = scores[np.isfinite(scores)]
+@dataclass
+class _Report:
+    """What a round's report shows beyond the recorded rounds."""
+
+    scores: np.ndarray  # the scores selection chose from
+    counts: dict[str, int]  # predicted classes of the batch
+    gallery: list[Any]  # the top queries drawn
+    current: RoundSummary  # the round itself, before it is recorded
+
+
+def _summary(r: int, strategy: str, m: Mapping[str, Any]) -> RoundSummary:
+    name = next((k for k in ("mIoU", "mAP", "accuracy") if k in m), None)
+    return RoundSummary(
+        round=r,
+        strategy=strategy,
+        labeled=int(m.get("labeled", 0)),
+        cost=m.get("cost"),
+        metric=None if name is None else float(m[name]),
+        metric_name=name,
+        kappa=m.get("kappa"),
+    )
+
+
+def write_campaign_report(campaign: Campaign, path: Path, report: _Report, kit: TaskKit) -> Path:
+    """The report at ``path``: every recorded round, then ``report.current`` if it is not
+    recorded yet, with the latest round's scores, batch classes and gallery."""
+    summaries = [
+        _summary(row.round, row.strategy, row.metrics)
+        for row in campaign.rounds()
+        if row.state == "selected" and row.round != report.current.round
+    ]
+    finite = report.scores[np.isfinite(report.scores)]
     return write_report(
-        work_dir / REPORT,
-        title=f"taskal campaign: {work_dir.name}",
+        path,
+        title=f"taskal campaign: {path.resolve().parent.name}",
         task=kit.task,
-        rounds=summaries,
+        rounds=[*summaries, report.current],
         scores=finite,
-        batch_class_counts=counts,
-        gallery=gallery,
+        batch_class_counts=report.counts,
+        gallery=report.gallery,
         cost_unit=kit.cost_unit,
     )
 
@@ -398,7 +507,6 @@ __all__ = [
     "KILL_AT_ENV",
     "RoundOptions",
     "RoundResult",
-    "open_campaign",
     "run_round",
     "write_campaign_report",
 ]

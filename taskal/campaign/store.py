@@ -23,8 +23,10 @@ Tables:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import math
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -68,7 +70,7 @@ CREATE TABLE queries (
     rank INTEGER NOT NULL,
     item_id INTEGER NOT NULL REFERENCES items (id),
     region INTEGER NOT NULL,
-    score REAL NOT NULL,
+    score REAL,
     cost REAL NOT NULL,
     box TEXT,
     PRIMARY KEY (round, rank),
@@ -146,6 +148,30 @@ class NewLabel:
     kind: str
     value: bytes
     whole: bool = True
+
+
+@contextlib.contextmanager
+def campaign_lock(work_dir: str | Path) -> Iterator[None]:
+    """Hold ``<work_dir>/.lock`` exclusively: one process at a time runs or imports into a
+    campaign (a second one is refused at once, not queued). The lock dies with its process.
+
+    Raises:
+        CampaignError: another process holds it.
+    """
+    folder = Path(work_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CampaignError(
+                f"another process is working on the campaign in {folder} (it holds "
+                f"{folder / '.lock'}); wait for it to finish"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _now() -> str:
@@ -299,16 +325,11 @@ class Campaign:
         out["stop_set"] = len(self.stop_set())
         return out
 
-    def add_items(self, items: Sequence[tuple[str, str]]) -> int:
-        """Add new images (key, path) that appeared in the pool; returns how many."""
-        known = self.items()
-        new = [(k, p) for k, p in items if k not in known]
-        if new:
-            with self.transaction() as db:
-                db.executemany(
-                    "INSERT INTO items (key, path, status) VALUES (?, ?, 'unlabeled')", new
-                )
-        return len(new)
+    def _insert_items(self, items: Sequence[tuple[str, str]]) -> None:
+        """Add new images (key, path), inside the caller's transaction."""
+        self.db.executemany(
+            "INSERT INTO items (key, path, status) VALUES (?, ?, 'unlabeled')", list(items)
+        )
 
     def _item_ids(self, keys: Sequence[str]) -> dict[str, int]:
         ids = dict(self.db.execute("SELECT key, id FROM items"))
@@ -351,13 +372,22 @@ class Campaign:
         return 0 if last is None else int(last) + 1
 
     def start_round(
-        self, r: int, strategy: str, seed: int, budget: float, query: str, config: str
+        self,
+        r: int,
+        strategy: str,
+        seed: int,
+        budget: float,
+        query: str,
+        config: str,
+        new_items: Sequence[tuple[str, str]] = (),
     ) -> None:
+        """Record round ``r``'s start; ``new_items`` (key, path) join the campaign with it."""
         if self.interrupted() is not None:
             raise CampaignError("a round is already under way; finish it with --resume")
         if r != self.next_round():
             raise CampaignError(f"the next round is {self.next_round()}, not {r}")
         with self.transaction() as db:
+            self._insert_items(new_items)
             db.execute(
                 "INSERT INTO rounds (round, state, strategy, seed, budget, query, config, "
                 "started_at) VALUES (?, 'started', ?, ?, ?, ?, ?, ?)",
@@ -365,11 +395,19 @@ class Campaign:
             )
 
     def restart_round(
-        self, r: int, strategy: str, seed: int, budget: float, query: str, config: str
+        self,
+        r: int,
+        strategy: str,
+        seed: int,
+        budget: float,
+        query: str,
+        config: str,
+        new_items: Sequence[tuple[str, str]] = (),
     ) -> None:
         """Start round ``r``, interrupted before it selected, again with new settings; its
         model, if it had one, is forgotten (its file stays on disk)."""
         with self.transaction() as db:
+            self._insert_items(new_items)
             changed = db.execute(
                 "UPDATE rounds SET state = 'started', strategy = ?, seed = ?, budget = ?, "
                 "query = ?, config = ?, started_at = ?, checkpoint = NULL, train_seconds = NULL "
@@ -404,7 +442,10 @@ class Campaign:
             db.executemany(
                 "INSERT INTO queries (round, rank, item_id, region, score, cost, box) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(r, q.rank, ids[q.item], q.region, q.score, q.cost, _box(q.box)) for q in queries],
+                [
+                    (r, q.rank, ids[q.item], q.region, _finite(q.score), q.cost, _box(q.box))
+                    for q in queries
+                ],
             )
             db.executemany(
                 "UPDATE items SET status = 'queried' WHERE id = ? AND status = 'unlabeled'",
@@ -432,7 +473,7 @@ class Campaign:
                 rank=row[1],
                 item=row[2],
                 region=row[3],
-                score=row[4],
+                score=math.nan if row[4] is None else row[4],
                 cost=row[5],
                 box=tuple(json.loads(row[6])) if row[6] else None,
             )
@@ -475,8 +516,8 @@ class Campaign:
             if x.kind not in LABEL_KINDS:
                 raise CampaignError(f"unknown label kind {x.kind!r} for {x.item}")
             old = recorded.get(x.item, [])
-            if any(digest(o.value) == digest(x.value) for o in old):
-                continue
+            if old and digest(old[-1].value) == digest(x.value):
+                continue  # the item's current label already: a repeated import
             if x.item not in queried and not old:
                 raise CampaignError(
                     f"{x.item} was never queried; import labels only for queried items "
@@ -533,6 +574,11 @@ class Campaign:
         )
 
 
+def _finite(x: float) -> float | None:
+    """Scores as stored: strategies without scores (random, core-set) give NaN, kept NULL."""
+    return None if math.isnan(x) else float(x)
+
+
 def _box(box: Sequence[float] | None) -> str | None:
     return None if box is None else json.dumps([float(v) for v in box])
 
@@ -546,4 +592,5 @@ __all__ = [
     "NewLabel",
     "QueryRow",
     "RoundRow",
+    "campaign_lock",
 ]

@@ -152,6 +152,8 @@ def test_a_round_records_queries_outputs_and_report(demo: dict[str, Any]) -> Non
         "label_studio_tasks.json",
         "queries.json",
         "queries_coco.json",
+        "report.html",
+        "report_files",
     ]
     listing = json.loads((out / "queries.json").read_text())
     assert [q["item"] for q in listing] == [q.item for q in queries]
@@ -319,3 +321,155 @@ def test_grayscale_images_get_a_one_channel_model(demo: dict[str, Any], tmp_path
     assert isinstance(batch.inputs, torch.Tensor) and batch.inputs.shape == (2, 1, 16, 16)
     probs = kit._adapter().predict(batch).probs_UCK
     assert probs.shape == (2, 3, 1)
+
+
+# ---- crash safety, concurrency and refusals (the round engine, through a cheap task) ----
+
+
+@pytest.mark.parametrize("strategy", ["random", "coreset"])
+def test_strategies_without_scores_record_their_queries(
+    demo: dict[str, Any], tmp_path: Path, strategy: str
+) -> None:
+    work = tmp_path / "work"
+    assert _round(demo, work, "--train", "--strategy", strategy) == 0
+    with Campaign.open(work / DB_NAME) as c:
+        queries = c.queries(0)
+        assert [r.state for r in c.rounds()] == ["selected"]
+    assert len(queries) == BUDGET and all(np.isnan(q.score) for q in queries)
+
+
+def test_a_second_process_is_refused_while_one_holds_the_campaign(
+    demo: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from taskal.campaign.store import campaign_lock
+
+    work = _copy(demo, tmp_path)
+    before = _digest(work)
+    with campaign_lock(work):
+        assert _round(demo, work, "--train") == 2
+        answers = _answers(demo, work, 0, tmp_path / "answers.json")
+        assert _import(demo, work, answers) == 2
+    err = capsys.readouterr().err
+    assert err.count("another process is working on the campaign") == 2
+    assert _digest(work) == before
+
+
+def test_a_failed_first_run_leaves_no_campaign(demo: dict[str, Any], tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    assert _round(demo, work, "--train", "--budget", "1000") == 2
+    assert _round(demo, work, "--train", "--checkpoint", str(tmp_path / "x.pth")) == 2
+    assert not (work / DB_NAME).exists()
+
+
+def test_the_import_config_must_name_the_campaigns_classes(
+    demo: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = _copy(demo, tmp_path)
+    before = _digest(work)
+    other = _write_config(tmp_path / "other.py", demo["data"])
+    text = other.read_text().replace(
+        "'labeled': {'root'", "'labeled': {'classes': ['red', 'green', 'blue'], 'root'"
+    )
+    other.write_text(text)
+    answers = _answers(demo, work, 0, tmp_path / "answers.json")
+    argv = ["import", str(work), str(answers), "--config", str(other)]
+    assert campaign_tool.run(argv) == 2
+    assert "classes" in capsys.readouterr().err
+    assert _digest(work) == before
+
+
+def test_overwrite_can_give_a_label_back(demo: dict[str, Any], tmp_path: Path) -> None:
+    work = _copy(demo, tmp_path)
+    item = _queried(work, 0)[0]
+    argv = ["import", str(work), "", "--config", str(demo["config"])]
+    for k, name in enumerate(["red", "blue", "red"]):
+        labels = tmp_path / f"labels_{k}.json"
+        labels.write_text(json.dumps({item: name}))
+        argv[2] = str(labels)
+        assert campaign_tool.run(argv + (["--overwrite"] if k else [])) == 0
+    with Campaign.open(work / DB_NAME) as c:
+        history = [row.value for row in c.labels()[item]]
+    assert history == [b"2", b"0", b"2"]  # red, blue, red: every label kept, the last current
+
+
+def test_empty_imports_are_refused(
+    demo: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = _copy(demo, tmp_path)
+    before = _digest(work)
+    empty = tmp_path / "empty.json"
+    empty.write_text("{}")
+    assert _import(demo, work, empty) == 2
+    assert "holds no labels" in capsys.readouterr().err
+    assert _digest(work) == before
+
+
+def test_train_and_checkpoint_together_are_refused(
+    demo: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = str(demo["first"] / "rounds" / "round_000" / "model.pth")
+    assert _round(demo, tmp_path / "w", "--train", "--checkpoint", ckpt) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_resume_is_not_changed_by_new_images_or_imports(
+    demo: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from taskal.campaign.round import KILL_AT_ENV
+
+    data = tmp_path / "data"
+    shutil.copytree(demo["data"], data)
+    config = _write_config(tmp_path / "campaign.py", data)
+    reference, work = tmp_path / "reference", tmp_path / "work"
+    env = dict(os.environ, **{KILL_AT_ENV: "trained", "OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, str(ROOT / "tools" / "al_round.py"), str(config)]
+    cmd += ["--work-dir", str(work), "--train", "--no-progress"]
+    assert subprocess.run(cmd, env=env, capture_output=True, cwd=ROOT).returncode == -9
+    model = work / "rounds" / "round_000" / "model.pth"
+    # what the interrupted round's model selects from the pool it started with
+    assert _round(demo, reference, "--checkpoint", str(model), config=config) == 0
+    shutil.copyfile(data / "pool" / "p000.png", data / "pool" / "zz_new.png")
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"p000.png": "red"}))
+    argv = ["import", str(work), str(labels), "--config", str(config)]
+    assert campaign_tool.run(argv) == 2  # a round is under way
+    assert "under way" in capsys.readouterr().err
+    assert _round(demo, work, "--train", "--resume", config=config) == 0
+    assert _queried(work, 0) == _queried(reference, 0)
+    with Campaign.open(work / DB_NAME) as c:
+        assert "zz_new.png" not in c.items()
+    assert (work / "rounds" / "round_000" / "queries" / "report.html").is_file()
+    assert model.is_file()
+
+
+def test_resume_loads_its_own_checkpoint_weights_only(
+    demo: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from taskal.campaign.round import KILL_AT_ENV
+
+    work = tmp_path / "work"
+    env = dict(os.environ, **{KILL_AT_ENV: "trained", "OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, str(ROOT / "tools" / "al_round.py"), str(demo["config"])]
+    cmd += ["--work-dir", str(work), "--train", "--no-progress"]
+    assert subprocess.run(cmd, env=env, capture_output=True, cwd=ROOT).returncode == -9
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (Path.touch, (marker,))
+
+    torch.save(
+        {"state_dict": {"x": torch.zeros(1)}, "meta": Payload()},
+        work / "rounds" / "round_000" / "model.pth",
+    )
+    assert _round(demo, work, "--train", "--resume") == 2
+    assert "trusted" in capsys.readouterr().err
+    assert not marker.exists()

@@ -39,6 +39,16 @@ class TaskKit:
     def classes(self) -> list[str]:
         raise NotImplementedError
 
+    #: labeled images ``--train`` needs at least
+    min_labels: int = 1
+
+    def preflight(self) -> None:
+        """Check what would otherwise fail in the middle of a round (the evaluation set,
+        training and adapter settings); nothing is written. Raises ``CampaignError``."""
+
+    def check_keys(self, keys: Sequence[str]) -> None:
+        """Refuse item keys this task cannot tell apart (e.g. in file names it writes)."""
+
     @property
     def stop_values(self) -> int:
         """How many values :meth:`stop_predictions` takes (the classes by default)."""

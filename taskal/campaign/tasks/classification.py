@@ -84,6 +84,13 @@ class ClassificationKit(TaskKit):
         self._classes: list[str] | None = None
         _check_not_ensemble(settings.strategy)
 
+    min_labels = 2  # BatchNorm trains on batches of two at least
+
+    def preflight(self) -> None:
+        """The evaluation folder, checked."""
+        if self.settings.eval:
+            self._eval_set(self.settings.eval)
+
     @property
     def classes(self) -> list[str]:
         if self._classes is None:

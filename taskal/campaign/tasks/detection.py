@@ -127,6 +127,14 @@ class DetectionKit(TaskKit):
         self.llal_cfg = _settings(LLALConfig, settings.llal, "al.llal")
         _check_not_ensemble(settings.strategy)
 
+    def preflight(self) -> None:
+        """The evaluation set, checked."""
+        spec = self.settings.eval
+        if spec:
+            if "ann_file" not in spec or "img_dir" not in spec:
+                raise CampaignError(f"al.eval must be dict(ann_file=..., img_dir=...), got {spec}")
+            self._coco_pool(Path(spec["ann_file"]), Path(spec["img_dir"]), "al.eval")
+
     @property
     def stop_values(self) -> int:
         """Stop predictions say per image and class whether a box is found: 0 or 1."""

@@ -3,6 +3,7 @@ COCO json and Label Studio brush tasks out; training through mmengine's Runner."
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -73,6 +74,43 @@ class SegmentationKit(TaskKit):
         self.regions = PixelRegions.of(settings.regions) if settings.query == "region" else None
         self.cost_unit = "pixels" if settings.query == "region" else "images"
         self.llal_cfg = LLALConfig(**settings.llal)
+        self._eval_pool: Any = None
+
+    def preflight(self) -> None:
+        """The training and adapter settings and the evaluation folders, checked."""
+        try:
+            MMSegTrainConfig(work_dir=".", **self.settings.train)
+        except (TypeError, ValueError) as err:
+            raise CampaignError(f"al.train: {err}") from None
+        known = set(inspect.signature(MMSegAdapter.__init__).parameters) - {"self", "model"}
+        unknown = sorted(set(self.settings.adapter) - known)
+        if unknown:
+            raise CampaignError(f"al.adapter: unknown argument(s) {unknown}; known {sorted(known)}")
+        if self.settings.eval:
+            self._eval()
+
+    def check_keys(self, keys: Sequence[str]) -> None:
+        """Masks are files named :func:`item_file` of their image: two images must not share
+        one."""
+        seen: dict[str, str] = {}
+        for key in keys:
+            other = seen.setdefault(item_file(key), key)
+            if other != key:
+                raise CampaignError(
+                    f"images {other} and {key} would share the mask file {item_file(key)}; "
+                    "rename one of them"
+                )
+
+    def _eval(self) -> Any:
+        if self._eval_pool is None:
+            spec = self.settings.eval or {}
+            try:
+                self._eval_pool = load_segmentation_folder(
+                    spec["img_dir"], spec["ann_dir"], self.classes
+                )
+            except (KeyError, FileNotFoundError, ValueError) as err:
+                raise CampaignError(f"al.eval (img_dir, ann_dir): {err}") from None
+        return self._eval_pool
 
     @property
     def classes(self) -> list[str]:
@@ -214,6 +252,11 @@ class SegmentationKit(TaskKit):
         except ValueError as err:
             raise CampaignError(f"{err}; nothing was imported") from None
         new = mask.astype(np.uint8)
+        if not bool((new != UNLABELED).any()):
+            raise CampaignError(
+                f"{key}: the mask labels no pixel (all 255); nothing was imported. Leave out "
+                "images you did not label"
+            )
         if rows:
             old = mask_of(rows[-1].value)
             given = new != UNLABELED
@@ -229,14 +272,9 @@ class SegmentationKit(TaskKit):
     # ---- outputs -------------------------------------------------------------------------
 
     def evaluate(self, adapter: Adapter) -> dict[str, float]:
-        spec = self.settings.eval
-        if not spec:
+        if not self.settings.eval:
             return {}
-        try:
-            pool = load_segmentation_folder(spec["img_dir"], spec["ann_dir"], self.classes)
-        except (KeyError, FileNotFoundError, ValueError) as err:
-            raise CampaignError(f"al.eval (img_dir, ann_dir): {err}") from None
-        scores = segmentation_metrics(adapter, pool, batch_size=self.settings.batch_size)
+        scores = segmentation_metrics(adapter, self._eval(), batch_size=self.settings.batch_size)
         return {"mIoU": float(scores["mIoU"]), "mDice": float(scores["mDice"])}
 
     def _argmax(self, adapter: Adapter, pool: ImagePool, ids: Sequence[str]) -> list[np.ndarray]:
