@@ -57,6 +57,8 @@ class CampaignSettings:
         llal: ``LLALConfig`` fields, for strategies that read predicted losses.
         gallery: top queries drawn in the report.
         image_size: classification only: the ``(H, W)`` images are resized to.
+        image_url: what Label Studio tasks put before an image's key to show it (e.g.
+            ``"/data/local-files/?d=pool/"``); ``None``: the file's absolute path.
     """
 
     pool: dict[str, Any]
@@ -77,6 +79,7 @@ class CampaignSettings:
     llal: dict[str, Any] = field(default_factory=dict)
     gallery: int = 8
     image_size: tuple[int, int] | None = None
+    image_url: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.pool, dict) or "img_dir" not in self.pool:

@@ -473,3 +473,15 @@ def test_resume_loads_its_own_checkpoint_weights_only(
     assert _round(demo, work, "--train", "--resume") == 2
     assert "trusted" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_label_studio_tasks_name_images_by_the_given_url(
+    demo: dict[str, Any], tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    prefix = "/data/local-files/?d=pool/"
+    ckpt = str(demo["first"] / "rounds" / "round_000" / "model.pth")
+    assert _round(demo, work, "--checkpoint", ckpt, "--cfg-options", f"al.image_url={prefix}") == 0
+    out = work / "rounds" / "round_000" / "queries" / "label_studio_tasks.json"
+    tasks = json.loads(out.read_text())
+    assert [t["data"]["image"] for t in tasks] == [prefix + q for q in _queried(work, 0)]

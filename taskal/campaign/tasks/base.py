@@ -65,6 +65,13 @@ class TaskKit:
             raise CampaignError(f"al.pool: {err}") from None
         return [(name, str((root / name).resolve())) for name in names]
 
+    def image_ref(self, key: str, pool: ImagePool) -> str:
+        """How Label Studio tasks name an image: ``al.image_url`` + its key when set (e.g.
+        ``"/data/local-files/?d=pool/"`` for Label Studio's local file storage), else the
+        file's absolute path."""
+        prefix = self.settings.image_url
+        return f"{prefix}{key}" if prefix is not None else str(pool.paths[key])
+
     def initial(self) -> tuple[list[tuple[str, str]], list[NewLabel]]:
         """The labeled images the campaign starts with and their labels."""
         raise NotImplementedError

@@ -424,7 +424,7 @@ class DetectionKit(TaskKit):
         views = [
             QueryView(
                 item=str(q.item),
-                image=str(pool.paths[str(q.item)]),
+                image=self.image_ref(str(q.item), pool),
                 width=sizes[str(q.item)][0],
                 height=sizes[str(q.item)][1],
                 score=_finite(q.score),

@@ -307,7 +307,7 @@ class SegmentationKit(TaskKit):
             views.append(
                 QueryView(
                     item=key,
-                    image=str(pool.paths[key]),
+                    image=self.image_ref(key, pool),
                     width=int(w),
                     height=int(h),
                     score=_finite(q.score),
