@@ -17,19 +17,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, OSError)
+from taskal.campaign.cli import quiet_third_party, run_tool
 
-# third-party deprecation notices that say nothing to a campaign's user
-for _message in (
-    "pkg_resources is deprecated",
-    "``build_loss`` would be deprecated",
-    "Default ``avg_non_ignore`` is False",
-):
-    warnings.filterwarnings("ignore", message=_message)
+quiet_third_party()
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -95,19 +88,7 @@ def main(args: argparse.Namespace) -> Any:
 
 
 def run(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    try:
-        main(args)
-    except USER_ERRORS as err:
-        if args.debug:
-            raise
-        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        print(
-            f"al_round: error: {message.splitlines()[0] if message else type(err).__name__}",
-            file=sys.stderr,
-        )
-        return 2
-    return 0
+    return run_tool("al_round", main, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

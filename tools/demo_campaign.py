@@ -22,9 +22,10 @@ import argparse
 import importlib.util
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
+
+from taskal.campaign.cli import quiet_third_party
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {
@@ -41,13 +42,7 @@ def _tool(name: str) -> Any:
     return module
 
 
-# third-party deprecation notices that say nothing to a campaign's user
-for _message in (
-    "pkg_resources is deprecated",
-    "``build_loss`` would be deprecated",
-    "Default ``avg_non_ignore`` is False",
-):
-    warnings.filterwarnings("ignore", message=_message)
+quiet_third_party()
 
 
 def get_args_parser() -> argparse.ArgumentParser:

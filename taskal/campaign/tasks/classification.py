@@ -24,6 +24,15 @@ from taskal.adapters.classification import ClassificationAdapter
 from taskal.campaign.labelstudio import QueryView, read_export, write_tasks
 from taskal.campaign.report import GalleryEntry
 from taskal.campaign.store import CampaignError, LabelRow, NewLabel
+from taskal.campaign.tasks._common import (
+    GALLERY_SIDE,
+    NOTHING,
+    finite,
+    image_size,
+    read_json,
+    refuse_ensembles,
+    settings_of,
+)
 from taskal.campaign.tasks.base import TaskKit
 from taskal.checkpoints import load_weights
 from taskal.data.images import ImagePool, list_images
@@ -32,7 +41,6 @@ from taskal.llal.module import LossPredictionModule
 from taskal.models import build_model
 from taskal.queries import Query
 from taskal.rounds import mix_seed
-from taskal.selector import build_strategy
 from taskal.strategies.base import QueryStrategy
 from taskal.training import LLALConfig, TrainConfig
 from taskal.types import Adapter, Batch, ItemId
@@ -40,8 +48,6 @@ from taskal.types import Adapter, Batch, ItemId
 #: the size images are resized to when the config sets no ``al.image_size``
 DEFAULT_IMAGE_SIZE = (32, 32)
 #: the longest side of a gallery picture
-GALLERY_SIDE = 256
-NOTHING = "; nothing was imported"
 
 
 def class_bytes(index: int) -> bytes:
@@ -78,11 +84,11 @@ class ClassificationKit(TaskKit):
         self.labeled = dict(settings.labeled or {})
         self.size = settings.image_size or DEFAULT_IMAGE_SIZE
         self.grayscale = bool(self.labeled.get("grayscale", False))
-        self.train_cfg = _settings(TrainConfig, settings.train, "al.train")
-        self.llal_cfg = _settings(LLALConfig, settings.llal, "al.llal")
+        self.train_cfg = settings_of(TrainConfig, settings.train, "al.train")
+        self.llal_cfg = settings_of(LLALConfig, settings.llal, "al.llal")
         self.model_cfg = self._model_cfg()
         self._classes: list[str] | None = None
-        _check_not_ensemble(settings.strategy)
+        refuse_ensembles(settings.strategy)
 
     min_labels = 2  # BatchNorm trains on batches of two at least
 
@@ -253,7 +259,7 @@ class ClassificationKit(TaskKit):
 
         Repeated and conflicting labels are left to the store (``Campaign.plan_import``).
         """
-        data = _read_json(path)
+        data = read_json(path, "a Label Studio JSON export or a JSON file {item: class}")
         if isinstance(data, list):
             chosen = self._exported(path)
         elif isinstance(data, dict):
@@ -340,14 +346,14 @@ class ClassificationKit(TaskKit):
         (choice tasks pre-annotated with the model's class and probability)."""
         items = list(dict.fromkeys(str(q.item) for q in queries))
         probs = dict(zip(items, self._probs(adapter, pool, items), strict=True))
-        sizes = {key: _image_size(pool.paths[key]) for key in items}
+        sizes = {key: image_size(pool.paths[key]) for key in items}
         views = [
             QueryView(
                 item=str(q.item),
                 image=self.image_ref(str(q.item), pool),
                 width=sizes[str(q.item)][0],
                 height=sizes[str(q.item)][1],
-                score=_finite(q.score),
+                score=finite(q.score),
                 rank=rank,
                 probs=[float(p) for p in probs[str(q.item)]],
             )
@@ -384,7 +390,7 @@ class ClassificationKit(TaskKit):
         for rank, (q, p) in enumerate(zip(top, probs, strict=True)):
             best = int(p.argmax())
             title = (
-                f"#{rank + 1} {q.item}  score {_finite(q.score):.3g}  "
+                f"#{rank + 1} {q.item}  score {finite(q.score):.3g}  "
                 f"pred {self.classes[best]} ({p[best]:.2f})"
             )
             entries.append(GalleryEntry(title=title, image=self._picture(pool.paths[str(q.item)])))
@@ -413,31 +419,6 @@ def _class_images(root: Path, name: str, where: str = "al.labeled.root") -> list
         raise CampaignError(f"{where}: class {name!r}: {err}") from None
 
 
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise CampaignError(
-            f"{path}: give a Label Studio JSON export or a JSON file {{item: class}}{NOTHING}"
-        )
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CampaignError(f"{path} is not JSON ({err}){NOTHING}") from None
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` of an image file."""
-    with Image.open(path) as image:
-        return int(image.width), int(image.height)
-
-
-def _settings(cls: Any, values: Mapping[str, Any], where: str) -> Any:
-    """``cls(**values)``, its errors as one-line :class:`CampaignError` s."""
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as err:
-        raise CampaignError(f"{where}: {err}") from None
-
-
 def _plain(value: Any) -> Any:
     """ConfigDicts as plain dicts, recursively."""
     if isinstance(value, Mapping):
@@ -453,19 +434,6 @@ def _check_sampling(strategy: QueryStrategy) -> None:
             f"{type(strategy).__name__} scores a deep ensemble, which campaigns do not support; "
             "choose a single-model strategy (entropy, bald with MC dropout, coreset, llal ...)"
         )
-
-
-def _check_not_ensemble(spec: Any) -> None:
-    """Refuse an ensemble strategy before a round starts (a bad spec is the round's to report)."""
-    try:
-        strategy = build_strategy(spec)
-    except (KeyError, ValueError, TypeError):  # run_round reports an unbuildable strategy
-        return
-    _check_sampling(strategy)
-
-
-def _finite(x: float) -> float:
-    return float(x) if np.isfinite(x) else 0.0
 
 
 __all__ = ["ClassificationKit", "class_bytes", "class_of"]

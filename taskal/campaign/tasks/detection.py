@@ -16,19 +16,29 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from taskal.adapters.mmdet_detection import MMDetAdapter
 from taskal.campaign.labelstudio import QueryView, read_export, write_tasks
 from taskal.campaign.report import GalleryEntry
 from taskal.campaign.store import CampaignError, LabelRow, NewLabel
+from taskal.campaign.tasks._common import (
+    NOTHING,
+    config_classes,
+    finite,
+    image_size,
+    picture,
+    read_json,
+    refuse_ensembles,
+    settings_of,
+    train_dataset,
+)
 from taskal.campaign.tasks.base import TaskKit
 from taskal.checkpoints import load_weights
 from taskal.data.coco import BOX_TOLERANCE, CocoDetectionPool, load_coco_detection
@@ -37,7 +47,6 @@ from taskal.evaluation.coco_map import coco_map
 from taskal.fitting import fit_mmdet
 from taskal.llal.openmmlab import LLALDetector
 from taskal.queries import Query
-from taskal.selector import build_strategy
 from taskal.strategies.base import QueryStrategy
 from taskal.training import LLALConfig
 from taskal.training_mmdet import MMDetTrainConfig
@@ -47,11 +56,8 @@ from taskal.types import Adapter, ItemId
 SHOW_SCORE = 0.3
 #: a predicted box counts as a detection of its class (stop set, batch chart) from this score
 DETECT_SCORE = 0.5
-#: the longest side of a gallery picture
-GALLERY_SIDE = 256
 #: the file the labeled images' COCO json is written to in a round's work dir
 LABELED_JSON = "labeled_boxes.json"
-NOTHING = "; nothing was imported"
 
 
 class Detections(NamedTuple):
@@ -91,12 +97,6 @@ def boxes_of(value: bytes) -> tuple[np.ndarray, np.ndarray]:
     return boxes, np.asarray(data["labels"], dtype=np.int64).reshape(-1)
 
 
-def _innermost(dataset: Any) -> dict[str, Any]:
-    while isinstance(dataset, Mapping) and "dataset" in dataset:
-        dataset = dataset["dataset"]
-    return dict(dataset or {})
-
-
 class DetectionKit(TaskKit):
     """A campaign over an mmdet detector config (``default_scope = 'mmdet'``): RetinaNet,
     FCOS, Faster R-CNN, ... (what :class:`~taskal.adapters.MMDetAdapter` accepts).
@@ -123,9 +123,9 @@ class DetectionKit(TaskKit):
                 "box queries are not built yet for campaigns (mmdet trains on whole images); "
                 'use al.query = "item"'
             )
-        _settings(MMDetTrainConfig, dict(settings.train, work_dir="."), "al.train")
-        self.llal_cfg = _settings(LLALConfig, settings.llal, "al.llal")
-        _check_not_ensemble(settings.strategy)
+        settings_of(MMDetTrainConfig, dict(settings.train, work_dir="."), "al.train")
+        self.llal_cfg = settings_of(LLALConfig, settings.llal, "al.llal")
+        refuse_ensembles(settings.strategy)
 
     def preflight(self) -> None:
         """The evaluation set, checked."""
@@ -142,17 +142,10 @@ class DetectionKit(TaskKit):
 
     @property
     def classes(self) -> list[str]:
-        names = self.cfg.get("classes") or self._train_dataset().get("metainfo", {}).get("classes")
-        if not names:
-            raise CampaignError(
-                "the config names no classes: set classes = (...) or "
-                "train_dataloader.dataset.metainfo.classes"
-            )
-        return [str(c) for c in names]
+        return config_classes(self.cfg)
 
     def _train_dataset(self) -> dict[str, Any]:
-        loader = self.cfg.get("train_dataloader") or {}
-        return _innermost(loader.get("dataset"))
+        return train_dataset(self.cfg)
 
     # ---- data ----------------------------------------------------------------------------
 
@@ -203,7 +196,7 @@ class DetectionKit(TaskKit):
         if not labels:
             raise CampaignError("no labeled images to train on; import labels first")
         det_pool = self._labeled_pool(pool, labels, work_dir)
-        train_cfg = _settings(
+        train_cfg = settings_of(
             MMDetTrainConfig, dict(self.settings.train, work_dir=work_dir / "train"), "al.train"
         )
         return fit_mmdet(
@@ -233,7 +226,7 @@ class DetectionKit(TaskKit):
             link.parent.mkdir(parents=True, exist_ok=True)
             if not link.exists():
                 os.symlink(pool.paths[key].resolve(), link)
-            w, h = _image_size(pool.paths[key])
+            w, h = image_size(pool.paths[key])
             images.append({"id": image_id, "file_name": key, "width": w, "height": h})
             boxes, classes = boxes_of(row.value)
             for box, label in zip(boxes.tolist(), classes.tolist(), strict=True):
@@ -281,7 +274,7 @@ class DetectionKit(TaskKit):
         the campaign and category names its classes. Repeated and conflicting labels are
         left to the store (``Campaign.plan_import``).
         """
-        data = _read_json(path)
+        data = read_json(path, "a COCO json or a Label Studio JSON export")
         if isinstance(data, list):
             found = self._exported(path)
         elif isinstance(data, dict):
@@ -296,7 +289,7 @@ class DetectionKit(TaskKit):
         for key, (boxes, labels) in sorted(found.items()):
             if key not in known:
                 raise CampaignError(f"{path}: {key!r} is no image of the campaign{NOTHING}")
-            value = _checked(path, key, boxes, labels, _image_size(pool.paths[key]))
+            value = _checked(path, key, boxes, labels, image_size(pool.paths[key]))
             out.append(NewLabel(key, "boxes", value, True))
         return out
 
@@ -338,7 +331,7 @@ class DetectionKit(TaskKit):
         for item in coco.ids:
             key = str(item)
             info = coco.coco.imgs[coco.image_id(item)]
-            size = _image_size(pool.paths[key])
+            size = image_size(pool.paths[key])
             if (int(info["width"]), int(info["height"])) != size:
                 raise CampaignError(
                     f"{path}: {key} is {size[0]}x{size[1]} (WxH) but the json says "
@@ -420,14 +413,14 @@ class DetectionKit(TaskKit):
         items = list(dict.fromkeys(str(q.item) for q in queries))
         shown = [d.above(SHOW_SCORE) for d in self._detections(adapter, pool, items)]
         found = dict(zip(items, shown, strict=True))
-        sizes = {key: _image_size(pool.paths[key]) for key in items}
+        sizes = {key: image_size(pool.paths[key]) for key in items}
         views = [
             QueryView(
                 item=str(q.item),
                 image=self.image_ref(str(q.item), pool),
                 width=sizes[str(q.item)][0],
                 height=sizes[str(q.item)][1],
-                score=_finite(q.score),
+                score=finite(q.score),
                 rank=rank,
                 boxes=found[str(q.item)].boxes,
                 box_labels=found[str(q.item)].labels.tolist(),
@@ -472,10 +465,10 @@ class DetectionKit(TaskKit):
         entries = []
         for rank, (q, d) in enumerate(zip(top, found, strict=True)):
             d = d.above(SHOW_SCORE)
-            image, scale = _picture(pool.paths[str(q.item)])
+            image, scale = picture(pool.paths[str(q.item)])
             entries.append(
                 GalleryEntry(
-                    title=f"#{rank + 1} {q.item}  score {_finite(q.score):.3g}",
+                    title=f"#{rank + 1} {q.item}  score {finite(q.score):.3g}",
                     image=image,
                     boxes=d.boxes * scale,
                     box_labels=[
@@ -572,60 +565,6 @@ def _one_line(err: BaseException) -> str:
     count = re.search(r"has (\d+) problem", lines[0])
     more = (int(count.group(1)) if count else len(lines) - 1) - 1
     return lines[1] + (f" (and {more} more problem(s))" if more > 0 else "")
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise CampaignError(
-            f"{path}: give a COCO json or a Label Studio JSON export (a file){NOTHING}"
-        )
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CampaignError(f"{path} is not JSON ({err}){NOTHING}") from None
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """``(width, height)`` of an image file."""
-    with Image.open(path) as image:
-        return int(image.width), int(image.height)
-
-
-def _picture(path: Path) -> tuple[np.ndarray, float]:
-    """An RGB picture of at most :data:`GALLERY_SIDE` pixels a side, and its scale."""
-    with Image.open(path) as opened:
-        image = opened.convert("RGB")
-    scale = min(1.0, GALLERY_SIDE / max(image.width, image.height))
-    if scale < 1.0:
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8), scale
-
-
-def _settings(cls: Any, values: Mapping[str, Any], where: str) -> Any:
-    """``cls(**values)``, its errors as one-line :class:`CampaignError` s."""
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as err:
-        raise CampaignError(f"{where}: {err}") from None
-
-
-def _check_not_ensemble(spec: Any) -> None:
-    """Refuse a deep-ensemble strategy before a round starts (a campaign trains one model; a
-    strategy that does not build is the round's to report)."""
-    try:
-        strategy = build_strategy(spec)
-    except (KeyError, ValueError, TypeError):
-        return
-    if strategy.sampling == "ensemble":
-        raise CampaignError(
-            f"{type(strategy).__name__} scores a deep ensemble, which campaigns do not support; "
-            "choose a single-model strategy (entropy, bald with MC dropout, coreset, llal ...)"
-        )
-
-
-def _finite(x: float) -> float:
-    return float(x) if np.isfinite(x) else 0.0
 
 
 __all__ = ["DetectionKit", "Detections", "boxes_bytes", "boxes_of"]

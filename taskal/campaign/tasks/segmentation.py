@@ -22,6 +22,12 @@ from taskal.adapters.mmseg_segmentation import MMSegAdapter
 from taskal.campaign.labelstudio import QueryView, read_export, write_tasks
 from taskal.campaign.report import GalleryEntry
 from taskal.campaign.store import CampaignError, LabelRow, NewLabel
+from taskal.campaign.tasks._common import (
+    config_classes,
+    finite,
+    refuse_ensembles,
+    train_dataset,
+)
 from taskal.campaign.tasks.base import TaskKit
 from taskal.checkpoints import load_weights
 from taskal.data.images import ImagePool
@@ -50,12 +56,6 @@ def mask_of(value: bytes) -> np.ndarray:
         return np.asarray(image)
 
 
-def _innermost(dataset: Any) -> dict[str, Any]:
-    while isinstance(dataset, dict) and "dataset" in dataset:
-        dataset = dataset["dataset"]
-    return dict(dataset or {})
-
-
 class SegmentationKit(TaskKit):
     """A campaign over an mmseg ``EncoderDecoder`` config (``default_scope = 'mmseg'``).
 
@@ -74,6 +74,7 @@ class SegmentationKit(TaskKit):
         self.regions = PixelRegions.of(settings.regions) if settings.query == "region" else None
         self.cost_unit = "pixels" if settings.query == "region" else "images"
         self.llal_cfg = LLALConfig(**settings.llal)
+        refuse_ensembles(settings.strategy)
         self._eval_pool: Any = None
 
     def preflight(self) -> None:
@@ -114,17 +115,10 @@ class SegmentationKit(TaskKit):
 
     @property
     def classes(self) -> list[str]:
-        names = self.cfg.get("classes") or self._train_dataset().get("metainfo", {}).get("classes")
-        if not names:
-            raise CampaignError(
-                "the config names no classes: set classes = (...) or "
-                "train_dataloader.dataset.metainfo.classes"
-            )
-        return [str(c) for c in names]
+        return config_classes(self.cfg)
 
     def _train_dataset(self) -> dict[str, Any]:
-        loader = self.cfg.get("train_dataloader") or {}
-        return _innermost(loader.get("dataset"))
+        return train_dataset(self.cfg)
 
     def initial(self) -> tuple[list[tuple[str, str]], list[NewLabel]]:
         ds = self._train_dataset()
@@ -310,7 +304,7 @@ class SegmentationKit(TaskKit):
                     image=self.image_ref(key, pool),
                     width=int(w),
                     height=int(h),
-                    score=_finite(q.score),
+                    score=finite(q.score),
                     rank=rank,
                     region=q.region,
                     region_mask=None if q.region is None else region[q.item].astype(bool),
@@ -370,7 +364,7 @@ class SegmentationKit(TaskKit):
             image = (batch.inputs[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
             entries.append(
                 GalleryEntry(
-                    title=f"#{rank + 1} {q.item}  score {_finite(q.score):.3g}",
+                    title=f"#{rank + 1} {q.item}  score {finite(q.score):.3g}",
                     image=image,
                     heatmap=heat,
                     region_mask=None if q.region is None else region[q.item].astype(bool),
@@ -386,10 +380,6 @@ class SegmentationKit(TaskKit):
         for m in self._argmax(adapter, pool, items):
             counts += np.bincount(m.ravel(), minlength=len(self.classes))[: len(self.classes)]
         return {c: int(n) for c, n in zip(self.classes, counts, strict=True)}
-
-
-def _finite(x: float) -> float:
-    return float(x) if np.isfinite(x) else 0.0
 
 
 __all__ = ["SegmentationKit", "mask_bytes", "mask_of"]
