@@ -1,7 +1,14 @@
 """Strategy math as pure torch functions: device-agnostic, explicit ``torch.Generator``."""
 
 from taskal.functional.badge import badge_select, gradient_factors, gradient_sq_dists_to
-from taskal.functional.diversity import k_center_greedy, kmeans_pp, min_sq_dists, sq_dists_to
+from taskal.functional.diversity import (
+    KCenterStats,
+    k_center_greedy,
+    k_center_greedy_features,
+    kmeans_pp,
+    min_sq_dists,
+    sq_dists_to,
+)
 from taskal.functional.llal import loss_ranking_loss
 from taskal.functional.ranking import top_k
 from taskal.functional.reduction import (
@@ -29,6 +36,7 @@ from taskal.functional.validation import (
 )
 
 __all__ = [
+    "KCenterStats",
     "badge_select",
     "bald",
     "check_budget",
@@ -40,6 +48,7 @@ __all__ = [
     "gradient_sq_dists_to",
     "is_int",
     "k_center_greedy",
+    "k_center_greedy_features",
     "kmeans_pp",
     "least_confidence",
     "loss_ranking_loss",

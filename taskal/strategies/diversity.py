@@ -30,12 +30,12 @@ class CoreSet(QueryStrategy):
     ) -> Tensor:
         if outputs.embeddings_ND is None:
             raise ValueError("coreset needs embeddings; none were gathered")
+        # float64 as before: the pruned search picks exactly what the plain loop picks
         emb_ND = outputs.embeddings_ND.double()
-        init = None
         labeled = outputs.labeled_embeddings_LD
-        if labeled is not None and labeled.shape[0] > 0:
-            init = F.min_sq_dists(emb_ND, labeled.double().to(emb_ND.device))
-        return F.k_center_greedy(F.sq_dists_to(emb_ND), len(outputs), budget, init, generator)
+        if labeled is not None:
+            labeled = labeled.double().to(emb_ND.device)
+        return F.k_center_greedy_features(emb_ND, budget, labeled, generator)
 
 
 @QUERY_STRATEGIES.register_module(name="badge")

@@ -1,0 +1,250 @@
+"""Time and peak memory of pruned k-center greedy (core-set) against unpruned references.
+
+Features are a Gaussian mixture standing in for embeddings: ``--clusters`` component means
+drawn from N(0, I_D), members spread by ``--spread`` around them; ``--labeled`` more points
+from the same mixture are the labeled (initial) centers. Each variant runs in its own
+process so peak RSS is its own:
+
+* ``pruned``: :func:`taskal.functional.diversity.k_center_greedy_features`;
+* ``plain``: the plain ``O(N)``-memory loop, :func:`k_center_greedy` on the same distance
+  function (one full ``N``-row pass per pick): its picks must be identical;
+* ``cdist``: the textbook reference, the full ``N x N`` matrix ``torch.cdist(x, x) ** 2``
+  (and ``N x L`` to the labeled points) with the same farthest-first loop and tie-breaking.
+  In float64 its picks match too; in float32 its different rounding of the distances may
+  flip near-ties, so only ``plain`` is the exactness check there.
+
+The script prints each variant's seconds and peak memory (the process's peak RSS while the
+variant runs, reset once the features exist, and its growth over the RSS at that point) and
+the ratios ``reference / pruned``.
+
+    python benchmarks/kcenter.py          # N=20000 D=512 1000 picks float64, all variants
+    python benchmarks/kcenter.py --n 1000000 --picks 10000 --labeled 1000 --clusters 1000 \\
+        --dtype float32 --no-reference    # the large run, pruned only
+
+Unless set, ``OMP_WAIT_POLICY=PASSIVE`` is put in the variants' environment: the pick loop
+runs many small tensor ops, and on a shared machine busy-waiting OpenMP workers otherwise
+steal the cores it runs on (10x slower on a loaded 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith(field + ":"))
+        return int(line.split()[1]) / 1024  # kB
+    except (OSError, StopIteration):
+        return None
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak RSS (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mb() -> float:
+    hwm = _status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def make_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Features ``[N, D]`` and labeled ``[L, D]`` (or None), filled chunk by chunk."""
+    dtype = getattr(torch, args.dtype)
+    g = torch.Generator().manual_seed(args.seed)
+    means = torch.randn(args.clusters, args.d, generator=g, dtype=dtype)
+
+    def fill(out: torch.Tensor) -> torch.Tensor:
+        for r0 in range(0, out.shape[0], 65536):
+            rows = out[r0 : r0 + 65536]
+            comp = torch.randint(args.clusters, (rows.shape[0],), generator=g)
+            torch.randn(rows.shape, generator=g, dtype=dtype, out=rows)
+            rows.mul_(args.spread).add_(means[comp])
+        return out
+
+    x = fill(torch.empty(args.n, args.d, dtype=dtype))
+    labeled = fill(torch.empty(args.labeled, args.d, dtype=dtype)) if args.labeled else None
+    return x, labeled
+
+
+def _farthest_first(min_d: torch.Tensor, rows: Any, k: int, g: torch.Generator) -> list[int]:
+    """The plain loop's farthest-first with its generator protocol, rows from a matrix."""
+    n = min_d.shape[0]
+    picks: list[int] = []
+    if torch.isinf(min_d).all():  # nothing labeled: random first pick
+        first = int(torch.randint(n, (1,), generator=g))
+        min_d = rows(first).clone()
+        picks.append(first)
+    priority = torch.rand(n, generator=g)
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[picks] = True
+    while len(picks) < k:
+        masked = min_d.masked_fill(chosen, -1.0)
+        j = int(torch.where(masked == masked.max(), priority, -1.0).argmax())
+        picks.append(j)
+        chosen[j] = True
+        min_d = torch.minimum(min_d, rows(j))
+    return picks
+
+
+def run_variant(args: argparse.Namespace) -> dict[str, Any]:
+    from taskal.functional import diversity as D
+
+    x, labeled = make_data(args)
+    _reset_peak()  # so the data generation's temporaries do not count as the variant's
+    base = _status_mb("VmRSS") or _peak_mb()
+    info: dict[str, Any] = {}
+    start = time.perf_counter()
+    if args.variant == "pruned":
+        stats = D.KCenterStats()
+        picks = D.k_center_greedy_features(
+            x, args.picks, labeled, torch.Generator().manual_seed(args.seed), stats=stats
+        ).tolist()
+        info = {
+            "read_fraction": stats.read_fraction,
+            "rows_read": stats.rows_read,
+            "updates": stats.updates,
+            "groups_scanned_per_update": stats.groups_scanned / max(1, stats.updates),
+            "entries_scanned_per_update": stats.entries_scanned / max(1, stats.updates),
+            "rows_screened": stats.rows_screened,
+            "screen": stats.screen,
+        }
+    elif args.variant == "plain":
+        dist = D.sq_dists_to(x)
+        init = D.min_sq_dists(x, labeled) if labeled is not None else None
+        picks = D.k_center_greedy(
+            lambda j: dist(j), args.n, args.picks, init, torch.Generator().manual_seed(args.seed)
+        ).tolist()
+    elif args.variant == "cdist":
+        full = torch.cdist(x, x).pow_(2)  # the N x N matrix
+        if labeled is not None:
+            init = torch.cdist(x, labeled).pow_(2).amin(1)
+        else:
+            init = torch.full((args.n,), float("inf"), dtype=x.dtype)
+        g = torch.Generator().manual_seed(args.seed)
+        picks = _farthest_first(init, lambda j: full[j], args.picks, g)
+    else:
+        raise SystemExit(f"unknown variant {args.variant}")
+    seconds = time.perf_counter() - start
+    peak = _peak_mb()
+    return {
+        "seconds": seconds,
+        "peak_mb": peak,
+        "growth_mb": peak - base,
+        "data_mb": base,
+        "picks": picks,
+        **info,
+    }
+
+
+def machine() -> str:
+    model = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"CPU {model}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"threads {os.environ.get('OMP_NUM_THREADS', 'default')}, "
+        f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'PASSIVE (set by script)')}, "
+        f"python {platform.python_version()}"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--n", type=int, default=20_000)
+    p.add_argument("--d", type=int, default=512)
+    p.add_argument("--picks", type=int, default=1_000)
+    p.add_argument("--labeled", type=int, default=0)
+    p.add_argument("--clusters", type=int, default=100)
+    p.add_argument("--spread", type=float, default=0.2)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the plain loop and the full-matrix cdist reference",
+    )
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+    variants = ["pruned", "plain", "cdist"] if args.reference else ["pruned"]
+    env = {**os.environ}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    print(machine())
+    print(
+        f"N={args.n} D={args.d} picks={args.picks} labeled={args.labeled} "
+        f"clusters={args.clusters} spread={args.spread} dtype={args.dtype} seed={args.seed}"
+    )
+    results: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        cmd = [sys.executable, __file__, "--variant", variant]
+        for name in ("n", "d", "picks", "labeled", "clusters", "spread", "dtype", "seed"):
+            cmd += [f"--{name}", str(getattr(args, name))]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+        results[variant] = json.loads(out.strip().splitlines()[-1])
+        r = results[variant]
+        print(
+            f"{variant:<8} {r['seconds']:>9.2f} s   peak RSS {r['peak_mb']:>8.0f} MB   "
+            f"growth {r['growth_mb']:>8.1f} MB (RSS before: {r['data_mb']:.0f} MB, torch and "
+            "features)",
+            flush=True,
+        )
+    mine = results["pruned"]
+    print(
+        f"pruned: {args.picks / mine['seconds']:.1f} picks/s, rows read per update "
+        f"{mine['read_fraction']:.4f} of N on average ({mine['rows_read']} over "
+        f"{mine['updates']} updates), groups scanned per update "
+        f"{mine['groups_scanned_per_update']:.1f}, member entries scanned per update "
+        f"{mine['entries_scanned_per_update']:.0f}, float16 screen "
+        + (
+            f"on ({mine['rows_screened'] / max(1, mine['updates'] * args.n):.4f} of N "
+            "screened per update)"
+            if mine["screen"]
+            else "off"
+        )
+    )
+    for ref in variants[1:]:
+        r = results[ref]
+        same = r["picks"] == mine["picks"]
+        first_diff = next(
+            (i for i, (a, b) in enumerate(zip(r["picks"], mine["picks"], strict=True)) if a != b),
+            None,
+        )
+        print(
+            f"vs {ref}: time ratio {ref}/pruned = {r['seconds'] / mine['seconds']:.1f}x, "
+            f"peak RSS ratio pruned/{ref} = {mine['peak_mb'] / r['peak_mb']:.3f}, "
+            f"growth ratio pruned/{ref} = "
+            f"{max(mine['growth_mb'], 0.1) / max(r['growth_mb'], 0.1):.4f}, "
+            f"picks identical: {same}" + ("" if same else f" (first differ at pick {first_diff})")
+        )
+
+
+if __name__ == "__main__":
+    main()
