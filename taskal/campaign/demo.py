@@ -18,6 +18,23 @@ from taskal.data.synthetic_det import ensure_synthetic_detection
 from taskal.data.synthetic_seg import ensure_synthetic_segmentation
 from taskal.masks import UNLABELED, item_file
 
+#: records a demo's settings in its folder, written last
+STAMP = "demo.json"
+
+
+def _made(root: Path, args: dict[str, Any]) -> bool:
+    """Whether ``root`` holds a complete demo made with ``args``.
+
+    Raises:
+        ValueError: it holds one made with other settings.
+    """
+    stamp = root / STAMP
+    if not stamp.is_file():
+        return False
+    if json.loads(stamp.read_text()) != args:
+        raise ValueError(f"{root} holds a demo made with other settings; choose another folder")
+    return True
+
 
 def make_demo_segmentation(
     root: str | Path,
@@ -49,11 +66,8 @@ def make_demo_segmentation(
         "eval_images": root / "eval" / "images",
         "eval_masks": root / "eval" / "masks",
     }
-    stamp = root / "demo.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == args:
+    if _made(root, args):
         return folders
-    if stamp.is_file():
-        raise ValueError(f"{root} holds a demo made with other settings; choose another folder")
     total = num_labeled + num_pool + num_eval
     source = ensure_synthetic_segmentation(
         root / "source", num_images=total, image_size=tuple(image_size), seed=seed
@@ -71,7 +85,7 @@ def make_demo_segmentation(
         for name in chosen:
             shutil.copyfile(Path(source.img_dir) / name, folders[images] / name)
             shutil.copyfile(Path(source.ann_dir) / name, folders[masks] / name)
-    stamp.write_text(json.dumps(args))
+    (root / STAMP).write_text(json.dumps(args))
     return folders
 
 
@@ -128,11 +142,8 @@ def make_demo_detection(
         "eval_images": root / "eval" / "images",
         "oracle": root / "oracle" / "annotations.json",
     }
-    stamp = root / "demo.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == args:
+    if _made(root, args):
         return folders
-    if stamp.is_file():
-        raise ValueError(f"{root} holds a demo made with other settings; choose another folder")
     source = ensure_synthetic_detection(
         root / "source",
         num_images=num_labeled + num_pool + num_eval,
@@ -159,7 +170,7 @@ def make_demo_detection(
             (root / part / "annotations.json").write_text(json.dumps(subset))
     folders["oracle"].parent.mkdir(parents=True, exist_ok=True)
     folders["oracle"].write_text(json.dumps(_coco_subset(coco, parts["pool"])))
-    stamp.write_text(json.dumps(args))
+    (root / STAMP).write_text(json.dumps(args))
     return folders
 
 

@@ -115,7 +115,7 @@ class CampaignSettings:
         if unknown:
             raise CampaignError(f"unknown al setting(s) {unknown}; known: {sorted(names)}")
         try:
-            return cls(**{k: _plain(v) for k, v in al.items()})
+            return cls(**{k: plain(v) for k, v in al.items()})
         except TypeError as err:
             raise CampaignError(f"the al block is incomplete: {err}") from None
 
@@ -151,13 +151,13 @@ def load_campaign_config(
     return cfg
 
 
-def _plain(value: Any) -> Any:
-    """ConfigDicts and tuples as plain dicts and lists, recursively."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+def plain(value: Any) -> Any:
+    """ConfigDicts as plain dicts, recursively (lists and tuples keep their type)."""
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return type(value)(plain(v) for v in value)
     return value
 
 
-__all__ = ["TASKS", "CampaignSettings", "load_campaign_config"]
+__all__ = ["TASKS", "CampaignSettings", "load_campaign_config", "plain"]

@@ -12,6 +12,7 @@ from PIL import Image
 
 from taskal.campaign.store import CampaignError
 from taskal.selector import build_strategy
+from taskal.strategies.base import QueryStrategy
 
 #: the end of every import error: a refused import records nothing
 NOTHING = "; nothing was imported"
@@ -59,6 +60,11 @@ def refuse_ensembles(spec: Any) -> None:
         strategy = build_strategy(spec)
     except (KeyError, ValueError, TypeError):
         return
+    check_single_model(strategy)
+
+
+def check_single_model(strategy: QueryStrategy) -> None:
+    """Refuse a strategy that scores a deep ensemble: a campaign trains one model."""
     if strategy.sampling == "ensemble":
         raise CampaignError(
             f"{type(strategy).__name__} scores a deep ensemble, which campaigns do not support; "

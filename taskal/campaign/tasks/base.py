@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from mmengine.config import Config
 from torch import nn
 
 from taskal.campaign.settings import CampaignSettings
 from taskal.campaign.store import CampaignError, LabelRow, NewLabel
+from taskal.checkpoints import load_weights
 from taskal.data.images import ImagePool, list_images
 from taskal.queries import Query
 from taskal.strategies.base import QueryStrategy
@@ -92,13 +94,42 @@ class TaskKit:
         """A model trained on the labeled items, wrapped in its adapter."""
         raise NotImplementedError
 
-    def trained_module(self, adapter: Adapter) -> nn.Module:
-        """What a checkpoint holds: the model, with its LLAL module when it has one."""
+    #: the model's key beside ``"loss_predictor"`` in a checkpoint of a model with LLAL
+    model_key: ClassVar[str] = "model"
+
+    def new_adapter(self) -> Adapter:
+        """A fresh, untrained adapter over the config's model."""
         raise NotImplementedError
 
-    def load(self, checkpoint: Path, strategy: QueryStrategy, trusted: bool) -> Adapter:
-        """An adapter over the config's model with ``checkpoint``'s weights."""
+    def new_loss_predictor(self, adapter: Adapter) -> nn.Module:
+        """A fresh LLAL loss predictor for ``adapter``'s feature layers."""
         raise NotImplementedError
+
+    def trained_module(self, adapter: Adapter) -> nn.Module:
+        """What a checkpoint holds: the model, or ``{model_key, "loss_predictor"}`` when the
+        adapter has an LLAL module."""
+        if adapter.loss_predictor is None:
+            return adapter.model
+        return nn.ModuleDict(
+            {self.model_key: adapter.model, "loss_predictor": adapter.loss_predictor}
+        )
+
+    def load(self, checkpoint: Path, strategy: QueryStrategy, trusted: bool) -> Adapter:
+        """An adapter over the config's model with ``checkpoint``'s weights (what
+        :meth:`trained_module` saved; a strategy reading predicted losses needs the LLAL
+        module in it)."""
+        adapter = self.new_adapter()
+        device = torch.device(self.settings.device)
+        if "loss_pred" in strategy.needs:
+            predictor = self.new_loss_predictor(adapter)
+            both = nn.ModuleDict({self.model_key: adapter.model, "loss_predictor": predictor})
+            load_weights(both, checkpoint, trusted=trusted)
+            predictor.to(device).eval()
+            adapter.attach_loss_predictor(predictor)
+        else:
+            load_weights(adapter.model, checkpoint, trusted=trusted)
+        adapter.model.to(device).eval()
+        return adapter
 
     # ---- labels --------------------------------------------------------------------------
 

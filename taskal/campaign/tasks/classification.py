@@ -23,10 +23,12 @@ from torch import nn
 from taskal.adapters.classification import ClassificationAdapter
 from taskal.campaign.labelstudio import QueryView, read_export, write_tasks
 from taskal.campaign.report import GalleryEntry
+from taskal.campaign.settings import plain
 from taskal.campaign.store import CampaignError, LabelRow, NewLabel
 from taskal.campaign.tasks._common import (
     GALLERY_SIDE,
     NOTHING,
+    check_single_model,
     finite,
     image_size,
     read_json,
@@ -34,7 +36,6 @@ from taskal.campaign.tasks._common import (
     settings_of,
 )
 from taskal.campaign.tasks.base import TaskKit
-from taskal.checkpoints import load_weights
 from taskal.data.images import ImagePool, list_images
 from taskal.fitting import fit_classifier
 from taskal.llal.module import LossPredictionModule
@@ -136,7 +137,7 @@ class ClassificationKit(TaskKit):
                 'the config has no model dict: add model = dict(type="torchvision", '
                 'name="resnet18") (see configs/campaign/resnet18_image_folder.py)'
             )
-        return _plain(model)
+        return dict(plain(model))
 
     @property
     def in_channels(self) -> int:
@@ -185,7 +186,7 @@ class ClassificationKit(TaskKit):
         Raises:
             CampaignError: fewer than 2 labeled images, or an ensemble strategy.
         """
-        _check_sampling(strategy)
+        check_single_model(strategy)
         keys = sorted(labels)
         if len(keys) < 2:
             raise CampaignError(
@@ -225,26 +226,15 @@ class ClassificationKit(TaskKit):
         except TypeError as err:
             raise CampaignError(f"the model or al.adapter: {err}") from None
 
-    def trained_module(self, adapter: Adapter) -> nn.Module:
-        if adapter.loss_predictor is None:
-            return adapter.model
-        return nn.ModuleDict({"model": adapter.model, "loss_predictor": adapter.loss_predictor})
+    def new_adapter(self) -> Adapter:
+        return self._adapter()
+
+    def new_loss_predictor(self, adapter: Adapter) -> nn.Module:
+        return LossPredictionModule(adapter.feature_info, hidden=self.llal_cfg.hidden)
 
     def load(self, checkpoint: Path, strategy: QueryStrategy, trusted: bool) -> Adapter:
-        """The config's model with ``checkpoint``'s weights: a bare state dict of the model, or
-        ``{"model", "loss_predictor"}`` (what :meth:`trained_module` saves) for LLAL."""
-        _check_sampling(strategy)
-        adapter = self._adapter()
-        if "loss_pred" in strategy.needs:
-            llal = LossPredictionModule(adapter.feature_info, hidden=self.llal_cfg.hidden)
-            both = nn.ModuleDict({"model": adapter.model, "loss_predictor": llal})
-            load_weights(both, checkpoint, trusted=trusted)
-            llal.to(adapter.device).eval()
-            adapter.attach_loss_predictor(llal)
-        else:
-            load_weights(adapter.model, checkpoint, trusted=trusted)
-        adapter.model.to(adapter.device).eval()
-        return adapter
+        check_single_model(strategy)
+        return super().load(checkpoint, strategy, trusted)
 
     # ---- labels --------------------------------------------------------------------------
 
@@ -417,23 +407,6 @@ def _class_images(root: Path, name: str, where: str = "al.labeled.root") -> list
         return list_images(root / name)
     except (FileNotFoundError, ValueError) as err:
         raise CampaignError(f"{where}: class {name!r}: {err}") from None
-
-
-def _plain(value: Any) -> Any:
-    """ConfigDicts as plain dicts, recursively."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
-    return value
-
-
-def _check_sampling(strategy: QueryStrategy) -> None:
-    if strategy.sampling == "ensemble":
-        raise CampaignError(
-            f"{type(strategy).__name__} scores a deep ensemble, which campaigns do not support; "
-            "choose a single-model strategy (entropy, bald with MC dropout, coreset, llal ...)"
-        )
 
 
 __all__ = ["ClassificationKit", "class_bytes", "class_of"]

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
-import torch
 from torch import nn
 
 from taskal.adapters.mmdet_detection import MMDetAdapter
@@ -40,7 +39,6 @@ from taskal.campaign.tasks._common import (
     train_dataset,
 )
 from taskal.campaign.tasks.base import TaskKit
-from taskal.checkpoints import load_weights
 from taskal.data.coco import BOX_TOLERANCE, CocoDetectionPool, load_coco_detection
 from taskal.data.images import ImagePool
 from taskal.evaluation.coco_map import coco_map
@@ -235,28 +233,17 @@ class DetectionKit(TaskKit):
         ann_file.write_text(json.dumps(_coco(images, anns, self.classes, "labeled images")))
         return self._coco_pool(ann_file, img_dir, "the labeled images")
 
-    def trained_module(self, adapter: Adapter) -> nn.Module:
-        if adapter.loss_predictor is None:
-            return adapter.model
-        return nn.ModuleDict({"detector": adapter.model, "loss_predictor": adapter.loss_predictor})
+    model_key = "detector"
 
-    def load(self, checkpoint: Path, strategy: QueryStrategy, trusted: bool) -> Adapter:
-        """The config's detector with ``checkpoint``'s weights: a bare state dict of the
-        detector, or ``{"detector", "loss_predictor"}`` (what :meth:`trained_module` saves)."""
-        adapter = MMDetAdapter(
+    def new_adapter(self) -> Adapter:
+        return MMDetAdapter(
             copy.deepcopy(dict(self.cfg.model)),
             device=self.settings.device,
             **self.settings.adapter,
         )
-        if "loss_pred" in strategy.needs:
-            llal = LLALDetector(adapter.model, hidden=self.llal_cfg.hidden)
-            both = nn.ModuleDict({"detector": adapter.model, "loss_predictor": llal.loss_predictor})
-            load_weights(both, checkpoint, trusted=trusted)
-            adapter.attach_loss_predictor(llal.loss_predictor)
-        else:
-            load_weights(adapter.model, checkpoint, trusted=trusted)
-        adapter.model.to(torch.device(self.settings.device)).eval()
-        return adapter
+
+    def new_loss_predictor(self, adapter: Adapter) -> nn.Module:
+        return LLALDetector(adapter.model, hidden=self.llal_cfg.hidden).loss_predictor
 
     # ---- labels --------------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 from torch import nn
@@ -29,7 +28,6 @@ from taskal.campaign.tasks._common import (
     train_dataset,
 )
 from taskal.campaign.tasks.base import TaskKit
-from taskal.checkpoints import load_weights
 from taskal.data.images import ImagePool
 from taskal.data.segmentation import check_mask, load_segmentation_folder
 from taskal.evaluation.segmentation import segmentation_metrics
@@ -180,29 +178,18 @@ class SegmentationKit(TaskKit):
             device=self.settings.device,
         )
 
-    def trained_module(self, adapter: Adapter) -> nn.Module:
-        if adapter.loss_predictor is None:
-            return adapter.model
-        return nn.ModuleDict({"segmentor": adapter.model, "loss_predictor": adapter.loss_predictor})
+    model_key = "segmentor"
 
-    def load(self, checkpoint: Path, strategy: QueryStrategy, trusted: bool) -> Adapter:
-        adapter = MMSegAdapter(
+    def new_adapter(self) -> Adapter:
+        return MMSegAdapter(
             dict(self.cfg.model),
             regions=self.regions,
             device=self.settings.device,
             **self.settings.adapter,
         )
-        if "loss_pred" in strategy.needs:
-            llal = LLALSegmentor(adapter.model, hidden=self.llal_cfg.hidden)
-            both = nn.ModuleDict(
-                {"segmentor": adapter.model, "loss_predictor": llal.loss_predictor}
-            )
-            load_weights(both, checkpoint, trusted=trusted)
-            adapter.attach_loss_predictor(llal.loss_predictor)
-        else:
-            load_weights(adapter.model, checkpoint, trusted=trusted)
-        adapter.model.to(torch.device(self.settings.device)).eval()
-        return adapter
+
+    def new_loss_predictor(self, adapter: Adapter) -> nn.Module:
+        return LLALSegmentor(adapter.model, hidden=self.llal_cfg.hidden).loss_predictor
 
     # ---- labels --------------------------------------------------------------------------
 
