@@ -9,17 +9,10 @@ from typing import Any, NamedTuple
 import torch
 
 from taskal.queries import LabelState, Query
+from taskal.seeds import mix_seed
 from taskal.selector import Selector
 from taskal.strategies.base import QueryStrategy
 from taskal.types import Adapter, ItemId
-
-
-def mix_seed(*parts: int) -> int:
-    """A deterministic seed from several integers."""
-    value = 0x9E3779B9
-    for p in parts:
-        value = (value * 1_000_003 + int(p) + 1) % (2**61 - 1)
-    return value
 
 
 def train_seed(seed: int, r: int, member: int | None = None) -> int:

@@ -7,25 +7,36 @@ item before the next batch. What is kept grows with the pool's *item* count (a s
 embedding, a predicted loss per item), never with its pixel or anchor count. For region
 queries the unit scores are reduced to region scores per batch and only the best regions
 (enough to spend the budget twice over) are kept.
+
+Item queries can also be scored by several processes (``torchrun``; each scores every
+``W``-th batch and the results are gathered, :mod:`taskal.distributed`) and cached on disk
+batch by batch so that a killed run resumes without scoring again what it finished
+(``cache_dir``, :mod:`taskal.streaming`). Each batch draws its MC-dropout masks from a seed
+of its own, so both give the queries of one uninterrupted process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
-from collections.abc import Collection, Iterator, Sequence
+import os
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from taskal import distributed
 from taskal.functional import check_budget, check_probs, foreground, region_class_counts
 from taskal.functional.reduction import REDUCTIONS
 from taskal.queries import LabelState, Query
 from taskal.regions import RegionBuffer, empty_boxes, region_boxes, unlabeled_regions
 from taskal.registry import QUERY_STRATEGIES, build
+from taskal.seeds import mix_seed
 from taskal.strategies.base import QueryStrategy
+from taskal.streaming import Chunk, ChunkCache, batch_spans, ids_digest, shard
 from taskal.types import (
     META_KEYS,
     Adapter,
@@ -91,6 +102,10 @@ class _Stream:
         self.num_items = num_items
         self.fields: dict[str, Tensor] = {}
 
+    def write_chunk(self, start: int, chunk: Chunk) -> None:
+        for name, values in chunk.items():
+            self.write(name, start, values)
+
     def write(self, name: str, start: int, values: Tensor) -> None:
         values = values.detach().cpu()
         buffer = self.fields.get(name)
@@ -129,6 +144,12 @@ class Selector:
         max_class_share: region queries: the largest share one predicted class may take (a
             region's class is the one most of its units are predicted as, background
             columns of detectors left out; ``None``: no cap).
+        cache_dir: item queries: write every scored batch into this folder at once and,
+            when a run is repeated after an interruption, load the batches found there
+            instead of scoring them again (the same candidates, strategy, batch size, seed
+            and model; anything else clears the folder first). ``None``: keep it in memory.
+        cache_key: what identifies the model for ``cache_dir`` (a checkpoint's digest, say);
+            ``None``: a digest of the adapter's weights.
     """
 
     def __init__(
@@ -140,6 +161,8 @@ class Selector:
         keep_meta: Collection[str] = (),
         max_item_share: float | None = None,
         max_class_share: float | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_key: str | None = None,
     ) -> None:
         self.strategy = build_strategy(strategy)
         self.keep_meta = META_KEYS | frozenset(keep_meta)
@@ -176,6 +199,13 @@ class Selector:
         self.batch_size = batch_size
         self.progress = progress
         self.query = query
+        if cache_dir is not None and query == "region":
+            raise ValueError(
+                "cache_dir caches per-item results of item queries; region queries keep only "
+                "the best regions while streaming: leave cache_dir unset"
+            )
+        self.cache_dir = cache_dir
+        self.cache_key = cache_key
         #: the last :meth:`select`'s scores: per candidate item (item queries; ``None`` for
         #: strategies that score no items, e.g. core-set), or of the best regions kept
         #: while streaming (region queries)
@@ -221,21 +251,18 @@ class Selector:
             raise ValueError(f"budget must be a positive annotation cost, got {budget!r}")
         labeled_set = state.items()
         labeled_ids = [i for i in source.ids if i in labeled_set]
-        # MC-dropout masks come from torch's global RNG: seed it from the generator inside a
-        # forked RNG state, so the same generator gives the same picks and the caller's
-        # global state is untouched.
+        # MC-dropout masks come from torch's global RNG: each batch seeds it from this seed
+        # and its index (in a forked RNG state), so the same generator gives the same picks
+        # and the caller's global state is untouched.
         seed = int(torch.randint(2**62, (1,), generator=generator))
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            buffer = (
-                RegionBuffer(float(budget), self.max_item_share, self.max_class_share)
-                if self.query == "region"
-                else None
-            )
-            outputs = self.stream(
-                adapter, source, candidates, labeled_ids, buffer, state, generator
-            )
+        buffer = (
+            RegionBuffer(float(budget), self.max_item_share, self.max_class_share)
+            if self.query == "region"
+            else None
+        )
+        outputs = self.stream(
+            adapter, source, candidates, labeled_ids, buffer, state, generator, seed
+        )
         if buffer is not None:
             self.last_scores = buffer.score.clone()
             return buffer.queries(candidates)
@@ -257,15 +284,20 @@ class Selector:
         regions: RegionBuffer | None = None,
         state: LabelState | None = None,
         generator: torch.Generator | None = None,
+        seed: int | None = None,
     ) -> PoolOutputs:
         """Score ``candidates`` batch by batch into per-item :class:`PoolOutputs`.
 
         Labels never reach the adapter: every batch passes through
-        :meth:`Batch.without_labels` first.
+        :meth:`Batch.without_labels` first. Batch ``b`` seeds torch's RNG (forked) with
+        ``mix_seed(seed, b)``; ``seed=None`` draws it from ``generator``. Under torchrun
+        every rank scores its share of the batches and gets everything back.
         """
         strategy = self.strategy
         if generator is None:
             generator = torch.Generator().manual_seed(0)
+        if seed is None:
+            seed = int(torch.randint(2**62, (1,), generator=generator))
         # region queries rank regions, so they need unit probabilities and no item scores
         needs = strategy.needs if regions is None else frozenset({"probs"})
         if strategy.sampling == "ensemble" and not hasattr(adapter, "members"):
@@ -273,25 +305,26 @@ class Selector:
                 f"{type(strategy).__name__} scores a deep ensemble: pass an EnsembleAdapter "
                 "(taskal.adapters.EnsembleAdapter) of trained members"
             )
+        if regions is not None and distributed.world()[1] > 1:
+            raise ValueError(
+                "region queries are scored by one process (the best regions are kept while "
+                "streaming); run without torchrun, or use item queries"
+            )
         n_samples = strategy.n_samples if strategy.sampling != "deterministic" else 1
-        acc = _Stream(len(candidates))
         background = getattr(adapter, "background", None)
         quality = _class_quality(adapter, strategy) if "class_quality" in needs else None
-        offset = 0
-        total = -(-len(candidates) // self.batch_size)
-        desc = f"scoring pool ({type(strategy).__name__})"
-        batches = source.batches(candidates, self.batch_size)
-        for batch in tqdm(batches, desc=desc, total=total, disable=not self.progress, leave=False):
-            expected = candidates[offset : offset + len(batch)]
-            if list(batch.ids) != list(expected):
-                raise ValueError(
-                    "the item source yielded ids out of order (at position "
-                    f"{offset}); its batches(ids, batch_size) must yield the requested ids "
-                    "in the requested order"
-                )
+        cache = None
+        if self.cache_dir is not None:
+            cache = ChunkCache(
+                self.cache_dir, self._fingerprint(adapter, candidates, labeled, seed)
+            )
+            cache.open()
+
+        def score(batch: Batch, start: int) -> Chunk:
             batch = batch.without_labels(self.keep_meta)
             out = BatchOutputs(list(batch.ids), background=background)
             out.class_quality_C = quality
+            chunk: Chunk = {}
             if needs & {"probs", "item_probs", "item_class"}:
                 out.predictions = adapter.predict(batch, n_samples=n_samples)
                 check_probs(out.predictions.probs_UCK, out.predictions.kind)
@@ -299,36 +332,124 @@ class Selector:
                 out.embeddings_BD = adapter.embed(batch).detach().cpu()
             if "loss_pred" in needs:
                 out.loss_pred_B = adapter.predict_loss(batch).detach().cpu()
-                acc.write("losses", offset, out.loss_pred_B)
+                chunk["losses"] = out.loss_pred_B
             if "item_probs" in needs:
-                probs = _item_probs(out.predictions, len(batch), strategy, out.background)
-                acc.write("probs", offset, probs)
+                chunk["probs"] = _item_probs(out.predictions, len(batch), strategy, background)
             if "item_class" in needs:
-                classes = _item_classes(out.predictions, len(batch), out.background)
-                acc.write("classes", offset, classes)
+                chunk["classes"] = _item_classes(out.predictions, len(batch), background)
             if out.embeddings_BD is not None:
-                acc.write("embeds", offset, out.embeddings_BD)
+                chunk["embeds"] = out.embeddings_BD
             if regions is not None and out.predictions is not None:
                 self._push_regions(
-                    regions, out.predictions, offset, candidates, state, generator, background
+                    regions, out.predictions, start, candidates, state, generator, background
                 )
             elif (scores := strategy.score_batch(out)) is not None:
-                acc.write("scores", offset, scores)
-            offset += len(batch)
-        if offset != len(candidates):
-            raise ValueError(
-                f"the item source yielded {offset} items for {len(candidates)} requested ids; "
-                "its batches(ids, batch_size) must yield the requested ids in the requested order"
-            )
+                chunk["scores"] = scores.detach().cpu()
+            return chunk
+
+        acc = _Stream(len(candidates))
+        desc = f"scoring pool ({type(strategy).__name__})"
+        self._pass("pool", source, candidates, score, acc, seed, cache, desc)
         outputs = acc.outputs(list(candidates))
         if "labeled_embeddings" in needs:
-            parts = [
-                adapter.embed(b.without_labels(self.keep_meta)).detach().cpu()
-                for b in source.batches(labeled, self.batch_size)
-            ]
+
+            def embed(batch: Batch, start: int) -> Chunk:
+                return {"embeds": adapter.embed(batch.without_labels(self.keep_meta)).cpu()}
+
+            known = _Stream(len(labeled))
+            self._pass("labeled", source, labeled, embed, known, seed, cache, "embedding labeled")
             dim = outputs.embeddings_ND.shape[1] if outputs.embeddings_ND is not None else 0
-            outputs.labeled_embeddings_LD = torch.cat(parts) if parts else torch.zeros(0, dim)
+            emb = known.fields.get("embeds")
+            outputs.labeled_embeddings_LD = emb if emb is not None else torch.zeros(0, dim)
         return outputs
+
+    def _pass(
+        self,
+        name: str,
+        source: ItemSource,
+        ids: Sequence[ItemId],
+        step: Callable[[Batch, int], Chunk],
+        acc: _Stream,
+        seed: int,
+        cache: ChunkCache | None,
+        desc: str,
+    ) -> None:
+        """Run ``step(batch, start)`` over this rank's batches of ``ids`` (those not cached
+        yet) into ``acc``, then gather the other ranks' batches into it."""
+        rank, size = distributed.world()
+        spans = batch_spans(len(ids), self.batch_size)
+        mine = shard(len(spans), rank, size)
+        kept: dict[int, Chunk] = {}
+        todo = []
+        for b in mine:
+            chunk = cache.load(name, b) if cache is not None else None
+            if chunk is None:
+                todo.append(b)
+                continue
+            acc.write_chunk(spans[b][0], chunk)
+            if size > 1:
+                kept[b] = chunk
+        todo_ids = [i for b in todo for i in ids[spans[b][0] : spans[b][1]]]
+        shown = self.progress and rank == 0
+        if size > 1:
+            desc = f"{desc}, rank 0 of {size}"
+        done = len(mine) - len(todo)
+        bar = tqdm(total=len(mine), initial=done, desc=desc, leave=False, disable=not shown)
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices), bar:
+            batches = iter(source.batches(todo_ids, self.batch_size))
+            for b in todo:
+                start, stop = spans[b]
+                batch = next(batches, None)
+                if batch is None:
+                    raise ValueError(
+                        f"the item source yielded {start} items for {len(ids)} requested ids; "
+                        "its batches(ids, batch_size) must yield the requested ids in the "
+                        "requested order"
+                    )
+                if list(batch.ids) != list(ids[start:stop]):
+                    raise ValueError(
+                        "the item source yielded ids out of order (at position "
+                        f"{start}); its batches(ids, batch_size) must yield the requested ids "
+                        "in the requested order, batch_size at a time"
+                    )
+                torch.manual_seed(mix_seed(seed, b))
+                chunk = step(batch, start)
+                acc.write_chunk(start, chunk)
+                if cache is not None:
+                    cache.save(name, b, chunk)
+                if size > 1:
+                    kept[b] = chunk
+                bar.update(1)
+            if next(batches, None) is not None:
+                raise ValueError(
+                    f"the item source yielded more than the {len(ids)} requested ids; its "
+                    "batches(ids, batch_size) must yield the requested ids in the requested order"
+                )
+        if size > 1:
+            for part in distributed.all_gather(kept):
+                for b, chunk in part.items():
+                    if b % size != rank:
+                        acc.write_chunk(spans[b][0], chunk)
+
+    def _fingerprint(
+        self,
+        adapter: Adapter,
+        candidates: Sequence[ItemId],
+        labeled: Sequence[ItemId],
+        seed: int,
+    ) -> dict[str, Any]:
+        """What the cached batches depend on."""
+        return {
+            "candidates": ids_digest(candidates),
+            "labeled": ids_digest(labeled),
+            "batch_size": self.batch_size,
+            "seed": seed,
+            "strategy": _describe(self.strategy),
+            "keep_meta": sorted(self.keep_meta),
+            "adapter": type(adapter).__name__,
+            "model": self.cache_key if self.cache_key is not None else weights_digest(adapter),
+        }
 
     def _push_regions(
         self,
@@ -377,6 +498,34 @@ class Selector:
         if pos and (min(pos) < 0 or max(pos) >= num):
             raise ValueError(f"{name} returned positions outside [0, {num})")
         return [int(i) for i in pos]
+
+
+def _describe(strategy: QueryStrategy) -> str:
+    """A strategy's class and settings, as text (its repr, else its attributes)."""
+    text = repr(strategy)
+    if " at 0x" not in text:
+        return text
+    fields = {k: repr(v) for k, v in sorted(vars(strategy).items()) if not k.startswith("_")}
+    return f"{type(strategy).__qualname__}({fields})"
+
+
+def weights_digest(adapter: Adapter) -> str:
+    """A digest of an adapter's weights and buffers (an ensemble's members', a loss
+    predictor's included): the model a cache of its scores belongs to."""
+    members = getattr(adapter, "members", None) or [adapter]
+    h = hashlib.sha256()
+    for member in members:
+        modules = [getattr(member, "model", None), getattr(member, "loss_predictor", None)]
+        for module in modules:
+            if not isinstance(module, torch.nn.Module):
+                continue
+            for key, value in module.state_dict().items():
+                h.update(key.encode())
+                if isinstance(value, Tensor):
+                    h.update(str(value.dtype).encode())
+                    data = value.detach().cpu().contiguous()
+                    h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _item_probs(

@@ -4,6 +4,7 @@ select what to label next, and write it out for annotators.
     python tools/al_round.py CONFIG --work-dir DIR --train
     python tools/al_round.py CONFIG --work-dir DIR --checkpoint model.pth --budget 20
     python tools/al_round.py CONFIG --work-dir DIR --train --resume   # finish a killed round
+    torchrun --nproc-per-node 4 tools/al_round.py CONFIG --work-dir DIR --train  # score on 4
 
 CONFIG is an OpenMMLab config (inheriting an upstream one through ``_base_``) with taskal's
 ``al`` block (see ``taskal/campaign/settings.py`` and ``configs/campaign/``). The campaign's
@@ -11,6 +12,10 @@ state lives in ``DIR/campaign.sqlite``; round N's outputs in ``DIR/rounds/round_
 (``queries.json``, COCO json, Label Studio tasks, masks for segmentation, the resolved
 config); the report in ``DIR/report.html``. Bring labels back with ``tools/campaign.py
 import``; then run the next round.
+
+Under ``torchrun`` rank 0 runs the round (training included) and the other ranks wait for
+it, then every rank scores its share of the pool (gloo on CPU, NCCL on GPUs); the queries
+are those of a single process.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> Any:
-    from taskal.campaign.round import RoundOptions, run_round
+    from taskal import distributed
+    from taskal.campaign.round import RoundOptions, release_workers, run_round, serve_round
     from taskal.campaign.settings import CampaignSettings, load_campaign_config
     from taskal.campaign.tasks import task_kit
     from taskal.registry import import_custom_modules
@@ -76,7 +82,13 @@ def main(args: argparse.Namespace) -> Any:
         restart=args.restart,
         progress=not args.no_progress,
     )
-    result = run_round(kit, settings, cfg.pretty_text, work_dir, options)
+    if distributed.launch_rank() != 0:  # torchrun: score what rank 0 hands over
+        serve_round(kit, settings)
+        return None
+    try:
+        result = run_round(kit, settings, cfg.pretty_text, work_dir, options)
+    finally:
+        release_workers()
     counts = result.counts
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if k not in ("cost",))
     print(

@@ -11,6 +11,13 @@ Writes ``results.json``, ``learning_curve.png``, ``summary.md`` and the resolved
 writes every round's queries as COCO json into ``queries/``; segmentation with
 ``al.reference=True`` adds the full-supervision mIoU and each strategy's fraction of it at
 5 % and 10 % of the pool's pixels to the summary.
+
+    torchrun --standalone --nproc-per-node 2 tools/simulate.py --strategies entropy bald
+
+Under torchrun every rank runs the simulation (the same seeds give the same models) and
+scores its share of each pool pass; rank 0 writes the results, which equal a single
+process's. Classification and torchvision detection only: segmentation ranks regions in one
+process, and mmengine would split an mmdet model's training data across the ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from mmengine.config import DictAction
+
+from taskal import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = {
@@ -284,6 +293,26 @@ def _shown(path: str) -> str:
     return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
 
 
+def join_ranks(cfg: Any) -> bool:
+    """Under torchrun, join the process group (every rank runs the whole simulation with the
+    same seeds, so the models agree, and scores its share of each pool pass); returns
+    whether this process writes the results (rank 0, or the only process)."""
+    if not distributed.launched():
+        return True
+    if cfg.get("task", "cls") == "seg":
+        raise SystemExit(
+            "simulate.py under torchrun: segmentation simulations rank regions, which one "
+            "process scores; run it without torchrun"
+        )
+    if cfg.get("mmdet_config") is not None:
+        raise SystemExit(
+            "simulate.py under torchrun: mmengine would split each rank's training data "
+            "across the ranks; run mmdet simulations without torchrun"
+        )
+    distributed.init_from_env()
+    return distributed.is_main()
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     from taskal.registry import import_custom_modules
 
@@ -292,7 +321,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     cfg = load_config(args)
     import_custom_modules(cfg)
-    sim, pool, test, metric = build_simulation(cfg, progress=not args.no_progress)
+    main_rank = join_ranks(cfg)
+    sim, pool, test, metric = build_simulation(cfg, progress=main_rank and not args.no_progress)
+    if not main_rank:  # torchrun: this rank trains its replica and scores its share
+        sim.run()
+        distributed.close()
+        return {}
     out = prepare_output(args)
     if metric == "mAP":  # detection: every round's queries as the COCO json annotators get
         sim.cfg.queries_dir = str(out / "queries")
@@ -316,6 +350,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         results["pool_cost"] = sim.total_pixels
     results["cost_unit"] = getattr(sim, "cost_unit", None)
     results["seconds"] = round(time.perf_counter() - started)
+    distributed.close()
     (out / "results.json").write_text(json.dumps(results, indent=1))
     table = write_summary(results, out)
     print(table)

@@ -8,6 +8,12 @@ anywhere leaves the last state; ``--resume`` continues from it (a trained model 
 not retrained) and, with the same seed, selects the same queries. Outputs are written into a
 temporary folder and renamed into ``rounds/round_NNN/`` before the queries are recorded, so
 a recorded round always has its outputs.
+
+Scoring writes each batch's results to ``rounds/round_NNN/scores/`` as it goes, so a round
+killed while scoring resumes there. Under ``torchrun`` rank 0 runs the round (the other
+ranks never touch the campaign) and, once the model is ready, hands the other ranks what
+to score (:func:`serve_round`): each scores its share of the pool and every rank selects
+the same queries.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from taskal import distributed
 from taskal.campaign.labelstudio import labeling_config
 from taskal.campaign.report import RoundSummary, write_report
 from taskal.campaign.settings import CampaignSettings
@@ -221,6 +228,10 @@ def _check(
                 "--checkpoint, or --restart with the new one"
             )
         return None
+    if distributed.launched() and settings.query == "region":
+        raise CampaignError(
+            "region queries are scored by one process; run without torchrun, or set al.query='item'"
+        )
     if not options.train and options.checkpoint is None:
         raise CampaignError("give --checkpoint CKPT to score with a trained model, or --train")
     if options.checkpoint is not None and not options.checkpoint.is_file():
@@ -319,21 +330,18 @@ def _finish(
             kit.stop_values,
         )
     t0 = time.perf_counter()
-    selectable = pool.subset([k for k in files if k not in set(stop_ids)])
-    _say(options, f"round {r}: scoring the pool ({strategy_name(settings.strategy)})")
-    queries, pool_scores = select_round(
-        adapter,
-        strategy,
-        selectable,
-        _taken(campaign, settings.query),
-        settings.budget,
-        settings.seed,
-        r,
-        query=settings.query,
-        batch_size=settings.batch_size,
-        progress=options.progress,
-        options=settings.region_caps if settings.query == "region" else None,
+    job = _ScoringJob(
+        round=r,
+        checkpoint=_checkpoint_of(campaign, r, options),
+        trusted=options.trust_checkpoint,
+        files=list(files.items()),
+        selectable=[k for k in files if k not in set(stop_ids)],
+        taken=_taken(campaign, settings.query),
+        scores_dir=str(round_dir / "scores"),
     )
+    _say(options, f"round {r}: scoring the pool ({strategy_name(settings.strategy)})")
+    with _shared_scoring(job):
+        queries, pool_scores = _select(kit, settings, strategy, adapter, job, options.progress)
     select_seconds = time.perf_counter() - t0
     rows = [
         QueryRow(
@@ -362,9 +370,107 @@ def _finish(
     )
     _maybe_die("exported")
     campaign.finish_round(r, rows, select_seconds, metrics, _npy(stop_preds))
+    shutil.rmtree(job.scores_dir, ignore_errors=True)  # only a resumed round needs them
     _maybe_die("selected")
     latest = write_campaign_report(campaign, work_dir / REPORT, report, kit)
     return RoundResult(r, rows, out_dir, latest, metrics, campaign.counts())
+
+
+@dataclass
+class _ScoringJob:
+    """What selection needs beyond the config: rank 0 sends it to the other ranks."""
+
+    round: int
+    checkpoint: str  # the weights every rank scores with
+    trusted: bool
+    files: list[tuple[str, str]]  # every item of the campaign: key -> path
+    selectable: list[str]  # the keys selection may pick from (the stop set left out)
+    taken: list[ItemId] | LabelState  # what selection skips
+    scores_dir: str  # per-batch results, kept for a resumed round
+
+
+def _checkpoint_of(campaign: Campaign, r: int, options: RoundOptions) -> str:
+    row = next(x for x in campaign.rounds() if x.round == r)
+    return row.checkpoint or _resolved(options.checkpoint or Path())
+
+
+def _select(
+    kit: TaskKit,
+    settings: CampaignSettings,
+    strategy: QueryStrategy,
+    adapter: Any,
+    job: _ScoringJob,
+    progress: bool,
+) -> tuple[list[Query], torch.Tensor | None]:
+    """The round's queries, scored batch by batch into ``job.scores_dir`` (item queries)."""
+    options: dict[str, Any] = {}
+    if settings.query == "region":
+        options.update(settings.region_caps)
+    else:
+        options["cache_dir"] = job.scores_dir
+    return select_round(
+        adapter,
+        strategy,
+        kit.pool(job.files).subset(job.selectable),
+        job.taken,
+        settings.budget,
+        settings.seed,
+        job.round,
+        query=settings.query,
+        batch_size=settings.batch_size,
+        progress=progress,
+        options=options,
+    )
+
+
+class _shared_scoring:
+    """Rank 0 of a torchrun launch: join the other ranks (they wait in :func:`serve_round`)
+    and send them ``job`` for the block; leave the group after it. A single process: nothing.
+
+    Rank 0 joins the process group only now, so that training and evaluation before it run
+    as in one process (mmengine would otherwise shard their data across the ranks).
+    """
+
+    #: whether this process has sent the other ranks their job (or word that there is none)
+    sent = False
+
+    def __init__(self, job: _ScoringJob | None) -> None:
+        self.job = job
+
+    def __enter__(self) -> None:
+        if distributed.launched() and not _shared_scoring.sent:
+            distributed.init_from_env()
+            distributed.broadcast(self.job)
+            _shared_scoring.sent = True
+
+    def __exit__(self, *exc: object) -> None:
+        if distributed.launched():
+            distributed.close()
+
+
+def release_workers() -> None:
+    """Rank 0 of a torchrun launch whose round ended before scoring (an error, say): tell
+    the waiting ranks there is nothing to score."""
+    if distributed.launched() and not _shared_scoring.sent:
+        with _shared_scoring(None):
+            pass
+
+
+def serve_round(kit: TaskKit, settings: CampaignSettings) -> bool:
+    """A rank other than 0 of a torchrun launch: wait for rank 0's scoring job, score this
+    rank's share of the pool and take part in selection. Returns whether there was a job
+    (``False``: rank 0 ended before scoring; it reports why)."""
+    strategy = _strategy(settings)
+    distributed.init_from_env()
+    try:
+        job = distributed.broadcast(None)
+        if job is None:
+            return False
+        adapter = kit.load(Path(job.checkpoint), strategy, job.trusted)
+        _select(kit, settings, strategy, adapter, job, progress=False)
+        return True
+    finally:
+        distributed.close()
 
 
 def _resolved(path: Path) -> str:

@@ -7,8 +7,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -485,3 +488,32 @@ def test_label_studio_tasks_name_images_by_the_given_url(
     out = work / "rounds" / "round_000" / "queries" / "label_studio_tasks.json"
     tasks = json.loads(out.read_text())
     assert [t["data"]["image"] for t in tasks] == [prefix + q for q in _queried(work, 0)]
+
+
+def test_torchrun_scores_on_two_processes_and_selects_what_one_selects(
+    demo: dict[str, Any], tmp_path: Path
+) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    tool = str(ROOT / "tools" / "al_round.py")
+    args = [str(demo["config"]), "--train", "--strategy", "bald", "--no-progress"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, tool, *args, "--work-dir", str(one)], check=True, env=env)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    done = subprocess.run(
+        [*launch, tool, *args, "--work-dir", str(two)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("[al_round] round 0:") == 1  # rank 0 alone reports
+    listing = "rounds/round_000/queries/queries.json"
+    assert json.loads((two / listing).read_text()) == json.loads((one / listing).read_text())
+    assert not (two / "rounds" / "round_000" / "scores").exists()  # removed once recorded
+    # a user's mistake on rank 0 releases the other rank: one line, no hang
+    bad = subprocess.run(
+        [*launch, tool, *args, "--work-dir", str(two), "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0
+    assert "nothing to resume" in bad.stderr
