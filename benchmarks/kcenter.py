@@ -15,11 +15,14 @@ process so peak RSS is its own:
 
 The script prints each variant's seconds and peak memory (the process's peak RSS while the
 variant runs, reset once the features exist, and its growth over the RSS at that point) and
-the ratios ``reference / pruned``.
+the ratios ``reference / pruned``. With ``--device cuda`` the features are moved to the GPU
+before the clock starts, every variant runs there (synchronised before the clock stops),
+and the peak is the GPU memory allocated by torch beyond the features.
 
     python benchmarks/kcenter.py          # N=20000 D=512 1000 picks float64, all variants
     python benchmarks/kcenter.py --n 1000000 --picks 10000 --labeled 1000 --clusters 1000 \\
         --dtype float32 --no-reference    # the large run, pruned only
+    python benchmarks/kcenter.py --device cuda    # the same on a GPU
 
 Unless set, ``OMP_WAIT_POLICY=PASSIVE`` is put in the variants' environment: the pick loop
 runs many small tensor ops, and on a shared machine busy-waiting OpenMP workers otherwise
@@ -88,14 +91,14 @@ def make_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | No
 
 def _farthest_first(min_d: torch.Tensor, rows: Any, k: int, g: torch.Generator) -> list[int]:
     """The plain loop's farthest-first with its generator protocol, rows from a matrix."""
-    n = min_d.shape[0]
+    n, dev = min_d.shape[0], min_d.device
     picks: list[int] = []
     if torch.isinf(min_d).all():  # nothing labeled: random first pick
         first = int(torch.randint(n, (1,), generator=g))
         min_d = rows(first).clone()
         picks.append(first)
-    priority = torch.rand(n, generator=g)
-    chosen = torch.zeros(n, dtype=torch.bool)
+    priority = torch.rand(n, generator=g).to(dev)
+    chosen = torch.zeros(n, dtype=torch.bool, device=dev)
     chosen[picks] = True
     while len(picks) < k:
         masked = min_d.masked_fill(chosen, -1.0)
@@ -110,6 +113,14 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     from taskal.functional import diversity as D
 
     x, labeled = make_data(args)
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        x = x.to(dev)
+        labeled = labeled.to(dev) if labeled is not None else None
+        torch.cuda.synchronize(dev)
+        gpu_base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
     _reset_peak()  # so the data generation's temporaries do not count as the variant's
     base = _status_mb("VmRSS") or _peak_mb()
     info: dict[str, Any] = {}
@@ -127,6 +138,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
             "entries_scanned_per_update": stats.entries_scanned / max(1, stats.updates),
             "rows_screened": stats.rows_screened,
             "screen": stats.screen,
+            "batches": stats.batches,
         }
     elif args.variant == "plain":
         dist = D.sq_dists_to(x)
@@ -139,21 +151,21 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         if labeled is not None:
             init = torch.cdist(x, labeled).pow_(2).amin(1)
         else:
-            init = torch.full((args.n,), float("inf"), dtype=x.dtype)
+            init = torch.full((args.n,), float("inf"), dtype=x.dtype, device=dev)
         g = torch.Generator().manual_seed(args.seed)
         picks = _farthest_first(init, lambda j: full[j], args.picks, g)
     else:
         raise SystemExit(f"unknown variant {args.variant}")
+    if cuda:
+        torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - start
     peak = _peak_mb()
-    return {
-        "seconds": seconds,
-        "peak_mb": peak,
-        "growth_mb": peak - base,
-        "data_mb": base,
-        "picks": picks,
-        **info,
-    }
+    out = {"seconds": seconds, "peak_mb": peak, "growth_mb": peak - base, "data_mb": base}
+    if cuda:  # the memory that matters is the GPU's: peak beyond the features
+        gpu_peak = torch.cuda.max_memory_allocated(dev) / 2**20
+        out = {"seconds": seconds, "peak_mb": gpu_peak, "growth_mb": gpu_peak - gpu_base / 2**20}
+        out["data_mb"] = gpu_base / 2**20
+    return {**out, "picks": picks, **info}
 
 
 def machine() -> str:
@@ -184,6 +196,9 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--device", default="cpu", help="cpu (default) or cuda: where every variant runs"
+    )
+    p.add_argument(
         "--reference",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -200,20 +215,26 @@ def main() -> None:
     print(machine())
     print(
         f"N={args.n} D={args.d} picks={args.picks} labeled={args.labeled} "
-        f"clusters={args.clusters} spread={args.spread} dtype={args.dtype} seed={args.seed}"
+        f"clusters={args.clusters} spread={args.spread} dtype={args.dtype} seed={args.seed} "
+        f"device={args.device}"
     )
+    if torch.device(args.device).type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device available")
+        print(f"GPU {torch.cuda.get_device_name(torch.device(args.device))}; memory below: GPU")
     results: dict[str, dict[str, Any]] = {}
+    mem = "GPU" if torch.device(args.device).type == "cuda" else "RSS"
     for variant in variants:
         cmd = [sys.executable, __file__, "--variant", variant]
-        for name in ("n", "d", "picks", "labeled", "clusters", "spread", "dtype", "seed"):
+        for name in ("n", "d", "picks", "labeled", "clusters", "spread", "dtype", "seed", "device"):
             cmd += [f"--{name}", str(getattr(args, name))]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         results[variant] = json.loads(out.strip().splitlines()[-1])
         r = results[variant]
         print(
-            f"{variant:<8} {r['seconds']:>9.2f} s   peak RSS {r['peak_mb']:>8.0f} MB   "
-            f"growth {r['growth_mb']:>8.1f} MB (RSS before: {r['data_mb']:.0f} MB, torch and "
-            "features)",
+            f"{variant:<8} {r['seconds']:>9.2f} s   peak {mem} {r['peak_mb']:>8.0f} MB   "
+            f"growth {r['growth_mb']:>8.1f} MB ({mem} before: {r['data_mb']:.0f} MB, "
+            + ("features)" if mem == "GPU" else "torch and features)"),
             flush=True,
         )
     mine = results["pruned"]
@@ -222,13 +243,10 @@ def main() -> None:
         f"{mine['read_fraction']:.4f} of N on average ({mine['rows_read']} over "
         f"{mine['updates']} updates), groups scanned per update "
         f"{mine['groups_scanned_per_update']:.1f}, member entries scanned per update "
-        f"{mine['entries_scanned_per_update']:.0f}, float16 screen "
-        + (
-            f"on ({mine['rows_screened'] / max(1, mine['updates'] * args.n):.4f} of N "
-            "screened per update)"
-            if mine["screen"]
-            else "off"
-        )
+        f"{mine['entries_scanned_per_update']:.0f}, {mine['batches']} batches, bound rows read "
+        f"per update {mine['rows_screened'] / max(1, mine['updates'] * args.n):.4f} of N ("
+        + ("a float32 copy" if mine["screen"] else "the features themselves")
+        + ")"
     )
     for ref in variants[1:]:
         r = results[ref]
@@ -239,7 +257,7 @@ def main() -> None:
         )
         print(
             f"vs {ref}: time ratio {ref}/pruned = {r['seconds'] / mine['seconds']:.1f}x, "
-            f"peak RSS ratio pruned/{ref} = {mine['peak_mb'] / r['peak_mb']:.3f}, "
+            f"peak {mem} ratio pruned/{ref} = {mine['peak_mb'] / r['peak_mb']:.3f}, "
             f"growth ratio pruned/{ref} = "
             f"{max(mine['growth_mb'], 0.1) / max(r['growth_mb'], 0.1):.4f}, "
             f"picks identical: {same}" + ("" if same else f" (first differ at pick {first_diff})")

@@ -2,7 +2,9 @@
 
 from taskal.functional.badge import badge_select, gradient_factors, gradient_sq_dists_to
 from taskal.functional.diversity import (
+    FactorizedSqDists,
     KCenterStats,
+    KMeansPPStats,
     k_center_greedy,
     k_center_greedy_features,
     kmeans_pp,
@@ -36,7 +38,9 @@ from taskal.functional.validation import (
 )
 
 __all__ = [
+    "FactorizedSqDists",
     "KCenterStats",
+    "KMeansPPStats",
     "badge_select",
     "bald",
     "check_budget",

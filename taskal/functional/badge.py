@@ -5,6 +5,8 @@ weights of item ``i`` is the outer product ``g_i = a_i ⊗ h_i`` with ``a_i = p_
 ``[C]`` and ``h_i`` the penultimate embedding ``[D]`` (with a trailing 1 for the bias).
 Because ``<a_i ⊗ h_i, a_j ⊗ h_j> = <a_i, a_j><h_i, h_j>``, squared distances follow from
 ``[N, C]`` and ``[N, D]`` products alone: the ``[N, C x D]`` embedding is never built.
+On the CPU the k-means++ seeding prunes (:mod:`taskal.functional.kmeanspp`): after a pick it
+reads only the rows whose distance can still shrink, with the plain loop's picks.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from taskal.functional.diversity import DistTo, kmeans_pp
+from taskal.functional.kmeanspp import FactorizedSqDists, kmeans_pp
 
 
 def gradient_factors(probs_NC: Tensor, emb_ND: Tensor, bias: bool = True) -> tuple[Tensor, Tensor]:
@@ -34,15 +36,14 @@ def gradient_sq_norms(a_NC: Tensor, h_ND: Tensor) -> Tensor:
     return (a_NC * a_NC).sum(1) * (h_ND * h_ND).sum(1)
 
 
-def gradient_sq_dists_to(a_NC: Tensor, h_ND: Tensor) -> DistTo:
-    """``j -> ||g_i - g_j||^2`` for all ``i``, in ``O(N (C + D))`` per call."""
-    sq_norm_N = gradient_sq_norms(a_NC, h_ND)
+def gradient_sq_dists_to(a_NC: Tensor, h_ND: Tensor) -> FactorizedSqDists:
+    """``j -> ||g_i - g_j||^2`` for all ``i``, in ``O(N (C + D))`` per call.
 
-    def dist_to(j: int) -> Tensor:
-        cross_N = (a_NC @ a_NC[j]) * (h_ND @ h_ND[j])
-        return (sq_norm_N + sq_norm_N[j] - 2.0 * cross_N).clamp_min(0.0)
-
-    return dist_to
+    ``||g_i - g_j||^2 = ||g_i||^2 + ||g_j||^2 - 2 <a_i, a_j><h_i, h_j>``: a
+    :class:`~taskal.functional.kmeanspp.FactorizedSqDists` with factors ``a`` and ``h``,
+    which :func:`~taskal.functional.kmeanspp.kmeans_pp` prunes on the CPU.
+    """
+    return FactorizedSqDists(a_NC, h_ND)
 
 
 def badge_select(
@@ -51,7 +52,11 @@ def badge_select(
     """Pick ``k`` items by k-means++ on gradient embeddings; ``[k]`` unique indices.
 
     The first seed is the item with the largest gradient norm, as in the reference code.
+    On the CPU the seeding reads, per pick, only the rows whose distance to their nearest
+    seed can still shrink (:func:`~taskal.functional.kmeanspp.kmeans_pp`); picks are those
+    of the plain loop, one full pass per pick.
     """
     a_NC, h_ND = gradient_factors(probs_NC.double(), emb_ND.double())
-    first = int(gradient_sq_norms(a_NC, h_ND).argmax())
-    return kmeans_pp(gradient_sq_dists_to(a_NC, h_ND), probs_NC.shape[0], k, first, generator)
+    dists = gradient_sq_dists_to(a_NC, h_ND)
+    first = int(dists.sq_norm_N.argmax())
+    return kmeans_pp(dists, probs_NC.shape[0], k, first, generator)

@@ -9,6 +9,7 @@ whichever other rows share the call: what lets the pruned k-center in
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -77,8 +78,8 @@ class _RowDots:
         self._buf: Tensor | None = None
 
     def _buffer(self) -> Tensor:
-        if self._buf is None:
-            self._buf = self.x_ND.new_zeros(self.chunk, self.width)
+        if self._buf is None:  # one call's padding past a full chunk fits too
+            self._buf = self.x_ND.new_zeros(self.chunk + _ROW_BLOCK, self.width)
         return self._buf
 
     def vector(self, j: int) -> Tensor:
@@ -106,18 +107,69 @@ class _RowDots:
 
     def _dots(self, rows_MW: Tensor, v_W: Tensor) -> Tensor:
         """The canonical kernel on rows laid out as described above."""
-        m = int(rows_MW.shape[0])
         if self.blas:  # rows_MW is the buffer's head: pad the call with its next (stale) rows
-            padded = -(-m // _ROW_BLOCK) * _ROW_BLOCK
-            buf = self._buffer()
-            assert rows_MW.data_ptr() == buf.data_ptr()
-            return torch.mv(buf[:padded], v_W)[:m]
+            assert rows_MW.data_ptr() == self._buffer().data_ptr()
+            return self.block_dots(self._buffer(), int(rows_MW.shape[0]), v_W)
+        return self._tree(rows_MW, v_W)
+
+    def _tree(self, rows_MW: Tensor, v_W: Tensor) -> Tensor:
+        """Elementwise products summed by a fixed pairwise tree (the non-BLAS kernel)."""
         prod_MW = rows_MW * v_W
         w = self.width
         while w > 1:  # fixed pairwise tree: element i += element i + w / 2
             w //= 2
             prod_MW[:, :w].add_(prod_MW[:, w : 2 * w])
         return prod_MW[:, 0]
+
+    def gather(self, idx_M: Tensor) -> Tensor:
+        """Rows ``idx_M`` copied into a new block in the canonical layout, for :meth:`block_dots`.
+
+        The block has ``M`` rows rounded up to whole calls (zero rows pad it)."""
+        m = int(idx_M.shape[0])
+        rows = -(-m // _ROW_BLOCK) * _ROW_BLOCK if self.blas else m
+        block = self.x_ND.new_zeros(rows, self.width)  # a fresh allocation: 64-byte aligned
+        if self.width == self.x_ND.shape[1]:
+            torch.index_select(self.x_ND, 0, idx_M, out=block[:m])
+        else:
+            block[:m, : self.x_ND.shape[1]] = self.x_ND.index_select(0, idx_M)
+        return block
+
+    def block_dots(self, block: Tensor, m: int, v_W: Tensor) -> Tensor:
+        """``[m]`` dot products of the first ``m`` rows of a canonical block with ``v_W``.
+
+        ``block`` is this object's buffer or a :meth:`gather` block, with at least ``m``
+        rounded up to a multiple of ``16`` rows (rows past ``m`` only pad the call)."""
+        if not self.blas:
+            return self._tree(block[:m], v_W)
+        padded = -(-m // _ROW_BLOCK) * _ROW_BLOCK
+        return torch.mv(block[:padded], v_W)[:m]
+
+    def pair_dots(self, idx_P: Tensor, vecs: list[Tensor], counts: list[int]) -> Tensor:
+        """``[P]`` dot products of rows ``idx_P`` with vectors in runs: the first ``counts[0]``
+        rows with ``vecs[0]``, the next ``counts[1]`` with ``vecs[1]`` and so on.
+
+        Equal to ``all(vecs[b])`` at those rows: rows are gathered chunk by chunk into the
+        buffer and each run is one canonical call on its slice (a run starting anywhere in
+        the buffer is still aligned rows, padded to whole calls by the rows after it)."""
+        total = int(idx_P.shape[0])
+        out = self.x_ND.new_empty(total)
+        buf = self._buffer()
+        ends = list(itertools.accumulate(counts))
+        b = 0
+        for r0 in range(0, total, self.chunk):
+            r1 = min(total, r0 + self.chunk)
+            if self.width == self.x_ND.shape[1]:
+                torch.index_select(self.x_ND, 0, idx_P[r0:r1], out=buf[: r1 - r0])
+            else:
+                buf[: r1 - r0, : self.x_ND.shape[1]] = self.x_ND.index_select(0, idx_P[r0:r1])
+            while b < len(counts) and ends[b] - counts[b] < r1:
+                lo, hi = max(ends[b] - counts[b], r0), min(ends[b], r1)
+                if hi > lo:
+                    out[lo:hi] = self.block_dots(buf[lo - r0 :], hi - lo, vecs[b])
+                if ends[b] > r1:
+                    break  # the run goes on in the next chunk
+                b += 1
+        return out
 
     def all(self, v_W: Tensor) -> Tensor:
         """``[N]`` dot products of every row with ``v_W`` (from :meth:`vector`)."""
@@ -190,6 +242,25 @@ class SqDistsTo:
         """``self(j)[idx_M]``, reading only rows ``idx_M`` (bit for bit the same values)."""
         dots_M = self._dots.rows(idx_M, self._dots.vector(j))
         sq_M = self.sq_norm_N.index_select(0, idx_M)
+        return (sq_M + self.sq_norm_N[j]).add_(dots_M, alpha=-2.0).clamp_min_(0.0)
+
+    def pairs(self, idx_P: Tensor, j_P: Tensor) -> Tensor:
+        """``self(j_P[p])[idx_P[p]]`` for every ``p``, reading only rows ``idx_P`` once.
+
+        One canonical call per run of equal ``j_P``: sort the pairs by ``j`` first."""
+        js, counts = torch.unique_consecutive(j_P, return_counts=True)
+        vecs = [self._dots.vector(j) for j in js.tolist()]
+        dots_P = self._dots.pair_dots(idx_P, vecs, counts.tolist())
+        sq_P = self.sq_norm_N.index_select(0, idx_P) + self.sq_norm_N.index_select(0, j_P)
+        return sq_P.add_(dots_P, alpha=-2.0).clamp_min_(0.0)
+
+    def gather(self, idx_M: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows ``idx_M`` in a canonical block and their squared norms, for :meth:`block`."""
+        return self._dots.gather(idx_M), self.sq_norm_N.index_select(0, idx_M)
+
+    def block(self, block: Tensor, sq_M: Tensor, j: int) -> Tensor:
+        """``self(j)`` at the rows of a :meth:`gather` block (bit for bit the same values)."""
+        dots_M = self._dots.block_dots(block, int(sq_M.shape[0]), self._dots.vector(j))
         return (sq_M + self.sq_norm_N[j]).add_(dots_M, alpha=-2.0).clamp_min_(0.0)
 
 

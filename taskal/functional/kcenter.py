@@ -3,9 +3,10 @@ every center.
 
 :func:`k_center_greedy` runs the plain loop over any distance-to-one-point function.
 :func:`k_center_greedy_features` (also taken by :func:`k_center_greedy` when it is handed
-:func:`~taskal.functional.distances.sq_dists_to`'s function and nothing is labeled) prunes
-with the triangle inequality and reads, per pick, only the rows whose distance can still
-shrink; its picks are identical to the plain loop's. Memory is ``O(N)`` beyond the features.
+:func:`~taskal.functional.distances.sq_dists_to`'s function and nothing is labeled) picks
+in exact batches and prunes with the triangle inequality, reading only the rows whose
+distance can still shrink; its picks are identical to the plain loop's. Memory is ``O(N)``
+beyond the features (plus a float32 copy of float64 features, by default).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from taskal.functional.distances import DistTo, SqDistsTo, _nearest
+from taskal.functional.distances import DistTo, SqDistsTo, _nearest, _RowDots
 
 
 def k_center_greedy(
@@ -52,8 +53,20 @@ def k_center_greedy(
         and dist_to.num_points == num_points
         and budget <= num_points
         and dist_to.finite
+        and _Bounds.supported(dist_to, None)
     ):
         return _pruned_k_center(dist_to, budget, None, generator, None, 2**20, KCenterStats())
+    return _plain_k_center(dist_to, num_points, budget, init_min_dist_N, generator)
+
+
+def _plain_k_center(
+    dist_to: DistTo,
+    num_points: int,
+    budget: int,
+    init_min_dist_N: Tensor | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """The plain loop: one full distance row per pick, the farthest point next."""
     if init_min_dist_N is None:
         first = int(torch.randint(num_points, (1,), generator=generator))
         min_dist_N = dist_to(first)
@@ -81,13 +94,17 @@ class KCenterStats:
 
     Attributes:
         num_points: ``N``.
-        updates: distance updates after a pick (the unpruned loop reads ``N`` rows in each).
-        rows_read: full-precision embedding rows read by those updates (the initial
-            assignment excluded).
-        rows_screened: rows read from the float16 screen copy by those updates.
-        entries_scanned: per-candidate scalars (distance, assignment) looked at by them.
-        groups_scanned: center groups not skipped whole, summed over updates.
-        screen: whether the float16 screen was used.
+        updates: the plain loop's full passes over the ``N`` rows after its start (one per
+            pick but the last, and none for a random first pick): the yardstick of
+            :attr:`read_fraction`.
+        rows_read: full-precision embedding rows read to compute distances exactly (the
+            initial assignment excluded).
+        rows_screened: rows read from the float32 bounds copy (or, for float32 features,
+            the features themselves) to settle pairs without exact distances.
+        entries_scanned: per-candidate scalars (distance, assignment) looked at.
+        groups_scanned: (center group, pick) pairs not skipped whole, summed over picks.
+        screen: whether a float32 copy of the features was made for bounds.
+        batches: exact batches of picks (each followed by one update of the distances).
     """
 
     num_points: int = 0
@@ -97,10 +114,11 @@ class KCenterStats:
     entries_scanned: int = 0
     groups_scanned: int = 0
     screen: bool = False
+    batches: int = 0
 
     @property
     def read_fraction(self) -> float:
-        """Mean fraction of the ``N`` full rows read per update (1.0 for the unpruned loop)."""
+        """Mean fraction of the ``N`` full rows read per update (1.0 for the plain loop)."""
         return self.rows_read / max(1, self.updates * self.num_points)
 
 
@@ -114,24 +132,35 @@ def k_center_greedy_features(
     max_block: int = 2**20,
     stats: KCenterStats | None = None,
 ) -> Tensor:
-    """Greedy k-center on plain embeddings, pruned by the triangle inequality.
+    """Greedy k-center on plain embeddings, in exact batches pruned by the triangle inequality.
 
     Picks are identical to ``k_center_greedy(sq_dists_to(x_ND), N, budget, init, generator)``
     run as the plain loop, with ``init = min_sq_dists(x_ND, labeled_LD)`` when labeled points
     are given (same distances bit for bit, same random first pick and tie-breaking).
 
-    Every candidate keeps its nearest center ``a_i`` and squared distance ``d_i``; candidates
-    are grouped by center, each group knowing its largest ``d_i``. When ``j`` is picked,
-    ``||x_i - x_j|| >= ||c - x_j|| - ||x_i - c||`` means a candidate of center ``c`` can only
-    move to ``j`` if ``||c - x_j|| < 2 sqrt(d_i)``: a whole group is skipped when that fails
-    for its largest ``d_i``, and within the other groups only the candidates for which it
-    holds have their rows read. Margins from rounding-error bounds on the computed distances
-    keep a skipped candidate's computed distance to ``j`` provably ``>= d_i``, so the
-    running minimum is the unpruned loop's. The farthest candidate is found from the
-    groups' maxima. Optionally a float16 copy of the rows (scaled by a power of two) screens
-    large candidate sets first: a candidate whose float16 distance, less its error bound,
-    already exceeds ``d_i`` is settled without reading its full row. Extra memory is
-    ``O(N + (L + budget) D)``, plus ``N x D`` float16 with the screen.
+    **Batches.** Distances only shrink, so while the current distances ``d`` are exact, the
+    ``T`` largest (the candidates) hold the next picks for as long as the farthest candidate,
+    with its distance to the picks made meanwhile folded in, is still strictly farther than
+    ``beta``, the ``(T+1)``-th largest ``d``: every other point is at most ``beta`` away. The
+    candidates' rows are read into one block and the plain loop is run on them alone (one
+    pass over the block per pick); the picks it makes before it reaches ``beta`` are the
+    plain loop's next picks. Only then is everyone else's ``d`` brought up to date, for all
+    the batch's picks at once.
+
+    **Update.** Every point keeps its nearest center ``a_i`` and squared distance ``d_i``.
+    ``||x_i - x_j|| >= ||c - x_j|| - ||x_i - c||`` means a point of center ``c`` can only
+    move to a new pick ``j`` if ``||c - x_j|| < 2 sqrt(d_i)``: one threshold per (center,
+    pick) pair, from a float32 lower bound on ``||c - x_j||``, settles most pairs from
+    ``d_i`` and ``a_i`` alone, and once every region has centers the pairs left come from
+    each center's short list of near picks. While regions still lack centers (most points
+    may move to the new picks) the rows are read once for all the batch's picks instead, as
+    one float32 matrix product; a pair is then settled when its rounding-safe bounds show
+    that its computed distance can neither go below ``d_i`` nor be the nearest of the
+    point's new picks (with a float32 copy of float64 features, the later pairs are
+    screened the same way, one pair at a time). The rest are computed exactly, one
+    canonical call per pick over just those rows, so the running minimum is the plain
+    loop's bit for bit. Extra memory is ``O(N + (L + budget) D)`` and a block of
+    candidates, plus an ``N x D`` float32 copy of float64 features when ``screen`` is on.
 
     Args:
         x_ND: ``[N, D]`` floating candidate embeddings (float32 keeps 1M x 512 at 2 GB).
@@ -140,8 +169,9 @@ def k_center_greedy_features(
             empty when nothing is labeled (the first pick is then random).
         generator: randomness for the first pick and for breaking ties between equally
             distant points.
-        screen: use the float16 screen (CPU only, where float16 products accumulate in
-            float32); ``None``: when ``x_ND`` is float64 or the copy takes at most 256 MiB.
+        screen: for features other than float32, bound distances with a float32 copy
+            (faster; half the size of float64 features) rather than with the features
+            themselves; ``None``: when the copy takes at most 1 GiB.
         max_block: block size of the initial nearest-labeled search (see min_sq_dists).
         stats: filled with what was read (rows per update, groups skipped), if given.
 
@@ -170,26 +200,31 @@ def k_center_greedy_features(
     dists = SqDistsTo(x_ND)
     if not dists.finite or (labeled_LD is not None and not bool(labeled_LD.isfinite().all())):
         raise ValueError("embeddings must be finite")
-    return _pruned_k_center(
-        dists,
-        budget,
-        labeled_LD,
-        generator,
-        screen,
-        max_block,
-        stats if stats is not None else KCenterStats(),
-    )
+    stats = stats if stats is not None else KCenterStats()
+    if not _Bounds.supported(dists, labeled_LD):  # norms near the floating-point range's ends
+        init = None if labeled_LD is None else _nearest(x_ND, labeled_LD, max_block, False)[0]
+        stats.num_points = n
+        return _plain_k_center(dists, n, budget, init, generator)
+    return _pruned_k_center(dists, budget, labeled_LD, generator, screen, max_block, stats)
 
 
-def _unit_roundoff(x_ND: Tensor) -> float:
-    """Unit roundoff of the arithmetic the distances are computed in (TF32 etc. included)."""
-    u = torch.finfo(x_ND.dtype).eps / 2
-    if x_ND.dtype == torch.float32:
+def _unit_roundoff(dtype: torch.dtype, device: torch.device) -> float:
+    """Unit roundoff of matrix products in ``dtype`` on ``device`` (TF32 and bf16 included)."""
+    u = torch.finfo(dtype).eps / 2
+    if dtype == torch.float32:
         precision = torch.get_float32_matmul_precision()
         if precision == "high":
             u = max(u, 2.0**-11)  # TF32: 10 explicit mantissa bits
         elif precision == "medium":
             u = max(u, 2.0**-8)  # bfloat16
+        backend = torch.backends.cuda if device.type == "cuda" else torch.backends.mkldnn
+        if getattr(getattr(backend, "matmul", None), "fp32_precision", "none") not in (
+            "none",
+            "ieee",
+        ):
+            u = max(u, 2.0**-8)  # newer per-backend switches: TF32 or bfloat16
+        if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+            u = max(u, 2.0**-11)
     return u
 
 
@@ -198,88 +233,101 @@ def _gamma(terms: int, u: float) -> float:
     return terms * u / (1.0 - terms * u) if terms * u < 0.5 else math.inf
 
 
-_U16, _U32, _U64 = 2.0**-11, 2.0**-24, 2.0**-53
-_FP16_NORM = 128.0  # rows are scaled so their norms stay below this: dots < 2**14, no overflow
-_FP16_TINY = 2.0**-25  # half the float16 subnormal spacing: absolute rounding error floor
+_U64 = 2.0**-53
+_SAFE = 2.0**-40  # relative slack for the float64 arithmetic on the bounds themselves
 
 
-def _fp16_dot_error(terms: int, norms_product: Tensor | float) -> Tensor | float:
-    """Bound on ``|fp16 mv result - exact dot|`` for float16 inputs, float32 accumulation."""
-    return (_gamma(terms, _U32) * (1 + _U16) + _U16) * norms_product + _FP16_TINY
+class _Bounds:
+    """Rigorous lower bounds on true squared distances from cheap dot products.
 
+    Rows are ``h = fl(s x)``: the features themselves (``s = 1``) or a float32 copy (``s`` a
+    power of two, ``1`` unless the norms are extreme), with ``||h - s x|| <= eps``. With
+    ``||s x|| <= r`` for every row and center, ``q_a`` the features' computed squared norms
+    (scaled by ``s^2``), and any matrix product for the dot (Higham's ``gamma_D`` bound
+    whatever the summation order, plus a subnormal floor),
 
-_FP16_TRUSTED: dict[str, bool] = {}
+        ``S = q_a + q_b - 2 fl(h_a . h_b)``
 
-
-def _fp16_mv_trusted() -> bool:
-    """Whether CPU float16 matrix-vector products meet :func:`_fp16_dot_error` (once a process).
-
-    They do when they accumulate in float32, which PyTorch's CPU kernels do unless
-    reduced-precision float16 reductions are allowed; a random probe checks the bound.
-    """
-    if "cpu" not in _FP16_TRUSTED:
-        allow = getattr(torch._C, "_get_cpu_allow_fp16_reduced_precision_reduction", None)
-        ok = allow is not None and not allow()
-        if ok:
-            g = torch.Generator().manual_seed(0)
-            a_MD = (torch.randn(64, 512, generator=g) * 5).half()
-            v_D = (torch.randn(512, generator=g) * 5).half()
-            exact_M = a_MD.double() @ v_D.double()
-            err_M = (torch.mv(a_MD, v_D).double() - exact_M).abs()
-            norms_M = a_MD.double().norm(dim=1) * v_D.double().norm()
-            ok = bool((err_M <= _fp16_dot_error(512, norms_M)).all())
-        _FP16_TRUSTED["cpu"] = ok
-    return _FP16_TRUSTED["cpu"]
-
-
-class _Fp16:
-    """Rows scaled by ``2**e`` (norms ``<= 128``) in float16: cheap lower bounds on distances.
-
-    For float16 rows ``h = fl(s x)``, ``||h - s x|| <= eps``; their squared distance is
-    computed as ``||h_a||^2 + ||h_b||^2 - 2 h_a.h_b`` (norms in float64, the dot by a
-    float16 matrix-vector product accumulating in float32) within ``err``. So
-    ``s ||x_a - x_b|| >= sqrt(S - err) - 2 eps``, a lower bound on the true distance.
+    is within ``E`` of ``s^2 ||x_a - x_b||^2``, where ``E`` adds up the norms' rounding,
+    the dot's rounding, ``|h_a . h_b - s^2 x_a . x_b| <= 2 r eps + eps^2`` and the float64
+    operations. So ``(S - E) / s^2``, rounded down, is a lower bound.
     """
 
-    def __init__(self, scale: float, dim: int) -> None:
-        self.scale = scale
-        r = _FP16_NORM * (1 + 2.0**-9)  # rounded rows may exceed the scaled norm a little
-        r2 = r * r
-        self.eps = (_U16 + 2 * _U32) * r + math.sqrt(dim) * _FP16_TINY
-        dot_err = float(_fp16_dot_error(dim, r2))
-        self.err = 2.0 * dot_err + (2 * _gamma(dim, _U64) + 12 * _U64) * 4 * r2
+    def __init__(self, dists: SqDistsTo, copy: bool, max_sq: float) -> None:
+        x_ND = dists.x_ND
+        in_range = max_sq == 0.0 or 2.0**-60 < max_sq < 2.0**60
+        self.copied = copy or x_ND.dtype not in (torch.float32, torch.float64)
+        self.copied |= x_ND.dtype == torch.float32 and not in_range
+        self.scale = 1.0
+        if self.copied and not in_range:
+            self.scale = 2.0 ** math.floor(math.log2(2.0**10 / math.sqrt(max_sq)))
+        if not self.copied:
+            self.rows_ND = x_ND
+        elif self.scale == 1.0:
+            self.rows_ND = x_ND.to(torch.float32)
+        else:
+            self.rows_ND = torch.empty(x_ND.shape, dtype=torch.float32, device=x_ND.device)
+            for r0 in range(0, x_ND.shape[0], dists._dots.chunk):
+                self.rows_ND[r0 : r0 + dists._dots.chunk] = x_ND[r0 : r0 + dists._dots.chunk] * (
+                    self.scale
+                )
+        s2 = self.scale * self.scale
+        self.sq_N = dists.sq_norm_N.to(torch.float64).mul_(s2)  # the features' own norms
+        dim = int(x_ND.shape[1])
+        fi = torch.finfo(self.rows_ND.dtype)
+        tiny = fi.tiny * fi.eps  # the smallest subnormal: an absolute rounding-error floor
+        u_sq = _unit_roundoff(x_ND.dtype, x_ND.device)  # squared norms: in the features' dtype
+        r = math.sqrt(max_sq * s2 * (1 + 2 * _gamma(dim, u_sq))) * (1 + 2.0**-20)
+        r += math.sqrt(dim) * tiny
+        eps = (fi.eps / 2 * r + math.sqrt(dim) * tiny) * (1 + 2.0**-20) if self.copied else 0.0
+        u_dot = _unit_roundoff(self.rows_ND.dtype, x_ND.device)
+        dot_err = _gamma(dim, u_dot) * (r + eps) ** 2 + dim * tiny + 2 * r * eps + eps * eps
+        norm_err = _gamma(dim, u_sq) * r * r + 2 * dim * torch.finfo(x_ND.dtype).tiny * s2
+        self.big_e = (2 * dot_err + 2 * norm_err + 16 * _U64 * 4 * r * r) * (1 + _SAFE)
+        self._dots: _RowDots | None = None
+
+    @staticmethod
+    def supported(dists: SqDistsTo, labeled_LD: Tensor | None) -> bool:
+        """Whether the squared norms are far enough from the floating-point range's ends."""
+        max_sq = float(dists.sq_norm_N.max()) if dists.num_points else 0.0
+        if labeled_LD is not None:
+            max_sq = max(max_sq, float((labeled_LD.double() ** 2).sum(1).max()))
+        return max_sq == 0.0 or 2.0**-200 < max_sq < 2.0**200
 
     def encode(self, x_MD: Tensor) -> tuple[Tensor, Tensor]:
-        """Float16 rows and their float64 squared norms."""
-        h_MD = (x_MD * self.scale).to(torch.float16)
-        h64_MD = h_MD.double()
-        return h_MD, (h64_MD * h64_MD).sum(1)
+        """Bound rows and scaled squared norms for centers given by their features."""
+        rows = (x_MD * self.scale).to(self.rows_ND.dtype) if self.copied else x_MD
+        return rows, (x_MD * x_MD).sum(1).to(torch.float64).mul_(self.scale * self.scale)
 
-    def encode_all(self, x_ND: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-        """:meth:`encode` for every row, chunk by chunk through reused buffers."""
-        h_ND = torch.empty(x_ND.shape, dtype=torch.float16, device=x_ND.device)
-        sq_N = torch.empty(x_ND.shape[0], dtype=torch.float64, device=x_ND.device)
-        tmp_RD = x_ND.new_empty(min(chunk, x_ND.shape[0]), x_ND.shape[1])
-        tmp64_RD = torch.empty(tmp_RD.shape, dtype=torch.float64, device=x_ND.device)
-        for r0 in range(0, x_ND.shape[0], chunk):
-            rows = x_ND[r0 : r0 + chunk]
-            t_RD, t64_RD, h_RD = (
-                tmp_RD[: rows.shape[0]],
-                tmp64_RD[: rows.shape[0]],
-                h_ND[r0 : r0 + chunk],
-            )
-            torch.mul(rows, self.scale, out=t_RD)
-            h_RD.copy_(t_RD)
-            t64_RD.copy_(h_RD)
-            torch.mul(t64_RD, t64_RD, out=t64_RD)
-            torch.sum(t64_RD, 1, out=sq_N[r0 : r0 + chunk])
-        return h_ND, sq_N
+    def pair_dots(self, idx_P: Tensor, pb: Tensor, pk: Tensor) -> Tensor:
+        """Bound-row dot products of points ``idx_P`` with picks ``pk[pb]`` (``pb`` sorted)."""
+        if self._dots is None:
+            self._dots = _RowDots(self.rows_ND)
+        picks, counts = torch.unique_consecutive(pb, return_counts=True)
+        vecs = [self._dots.vector(j) for j in pk.index_select(0, picks).tolist()]
+        return self._dots.pair_dots(idx_P, vecs, counts.tolist())
 
-    def lower_bound(self, sq_M: Tensor, sq_v: Tensor, dots_M: Tensor) -> Tensor:
-        """``[M]`` float64 lower bounds on the true (unscaled) squared distances."""
-        s_M = (sq_M + sq_v).sub_(dots_M.double(), alpha=2.0).sub_(self.err)
-        lb_M = s_M.clamp_min_(0.0).sqrt_().sub_(2.0 * self.eps).clamp_min_(0.0)
-        return lb_M.square_().mul_((1.0 - 2.0**-40) / (self.scale * self.scale))
+    def lower(self, sq_a: Tensor, sq_b: Tensor, dots: Tensor) -> Tensor:
+        """Float64 lower bounds on true squared distances (shapes broadcast)."""
+        s = (sq_a + sq_b).sub_(dots.to(torch.float64), alpha=2.0).sub_(self.big_e)
+        return s.mul_((1 - _SAFE) / (self.scale * self.scale))
+
+    def estimate(self, sq_a: Tensor, sq_b: Tensor, dots: Tensor) -> Tensor:
+        """``S`` in float64 (shapes broadcast): within ``E`` of ``s^2`` times the truth."""
+        return (sq_a + sq_b).sub_(dots.to(torch.float64), alpha=2.0)
+
+    def cutoff(self, d: Tensor, s_min: Tensor, delta: float) -> Tensor:
+        """Per point, the estimates ``S`` of pairs that may matter lie below this.
+
+        A computed distance is within ``delta`` of the true one, so a pair can lower a
+        point's ``d`` only if ``(S - E) / s^2 - delta < d``, and can be its new nearest
+        only if ``(S - E) / s^2 - delta <= (S_min + E) / s^2 + delta`` for the point's
+        smallest estimate ``S_min``; enlarged by ``2**-30`` against rounding (it is > 0).
+        """
+        s2 = self.scale * self.scale
+        cut = d.to(torch.float64).add_(delta).mul_(s2).add_(self.big_e)
+        cut = torch.minimum(cut, s_min + (2 * self.big_e + 2 * delta * s2))
+        return cut.mul_(1 + 2.0**-30)
 
 
 def _prune_thresholds(t_K: Tensor, delta: float, dtype: torch.dtype) -> Tensor:
@@ -296,7 +344,7 @@ def _prune_thresholds(t_K: Tensor, delta: float, dtype: torch.dtype) -> Tensor:
     return thr.sub_(delta + 1e-300).mul_(1.0 - 2.0**-20).to(dtype)
 
 
-_SCREEN_MIN_ROWS = 256  # smaller candidate sets go straight to full precision
+_T_START = 256  # candidates per batch at first, and at least
 
 
 def _pruned_k_center(
@@ -308,205 +356,195 @@ def _pruned_k_center(
     max_block: int,
     stats: KCenterStats,
 ) -> Tensor:
-    """The pruned greedy k-center behind :func:`k_center_greedy_features`.
+    """The batched, pruned greedy k-center behind :func:`k_center_greedy_features`.
 
-    State, all ``O(N + K)`` for ``K = L + budget`` centers: ``d_N`` and ``assign_N`` (each
-    candidate's squared distance to, and index of, its nearest center; ``d = -inf`` once
-    picked), ``members`` (per center, its unpicked candidates' ids) and ``radius_K`` (the
-    largest ``d`` among a center's members). A pick only ever moves candidates to the new
-    center: the scanned groups' lists shrink and the new center's list is the moved ones.
+    State, ``O(N + K D)`` for ``K = L + budget`` centers: ``d_N`` and ``assign_N`` (each
+    point's squared distance to, and index of, its nearest center; ``d = -inf`` once
+    picked), exact at the start of every batch, and the centers' bound rows.
     """
     x_ND, sq_N = dists.x_ND, dists.sq_norm_N
     n, dim = int(x_ND.shape[0]), int(x_ND.shape[1])
     dev, dtype = x_ND.device, x_ND.dtype
     num_labeled = 0 if labeled_LD is None else int(labeled_LD.shape[0])
-    cap_k = num_labeled + budget
     stats.num_points = n
 
-    cent_KD = x_ND.new_empty(cap_k, dim)  # labeled centers, then picks
-    cent_sq_K = x_ND.new_empty(cap_k)
-    radius_K = x_ND.new_full((cap_k,), -math.inf)
-    members: list[Tensor] = []  # each center's unpicked candidates (ids)
     picks: list[int] = []
-    k = 0  # initial centers
-
     if labeled_LD is None:
         first = int(torch.randint(n, (1,), generator=generator))
         d_N = dists(first)
         assign_N = torch.zeros(n, dtype=torch.long, device=dev)
-        cent_KD[0] = x_ND[first]
-        cent_sq_K[0] = sq_N[first]
-        k = 1
         picks.append(first)
     else:
         d_N, arg_N = _nearest(x_ND, labeled_LD, max_block, with_index=True)
         assert arg_N is not None
         assign_N = arg_N
-        cent_KD[:num_labeled] = labeled_LD
-        cent_sq_K[:num_labeled] = (labeled_LD * labeled_LD).sum(1)
-        k = num_labeled
-    # ties (duplicate embeddings) go to a random priority, as in the plain loop
+    # ties (duplicate embeddings) go to a random priority, as in the plain loop: its argmax
+    # takes the highest priority, then the lowest index; rank_N orders points that way
     priority_N = torch.rand(n, generator=generator).to(dev)
+    rank_N = torch.empty(n, dtype=torch.long, device=dev)
+    rank_N[torch.argsort(priority_N, descending=True, stable=True)] = torch.arange(n, device=dev)
+    stats.updates = max(0, budget - 1 - len(picks))
     if picks:
         d_N[picks[0]] = -math.inf
+    if len(picks) >= budget:
+        return torch.tensor(picks, dtype=torch.long)
 
     # a bound on any computed squared distance's rounding error, doubled for safety
-    max_sq = float(torch.maximum(sq_N.max(), cent_sq_K[:k].max()))
-    u = _unit_roundoff(x_ND)
+    max_sq = float(sq_N.max())
+    if labeled_LD is not None:
+        max_sq = max(max_sq, float((labeled_LD * labeled_LD).sum(1).max()))
+    u = _unit_roundoff(dtype, dev)
     delta = 2.0 * _gamma(dists._dots.width + 2, u) * 4.0 * max_sq if max_sq > 0 else 0.0
 
-    # float16 lower bounds: center distances always, candidate rows with the screen
-    fp16: _Fp16 | None = None
-    if dev.type == "cpu" and max_sq > 0 and _fp16_mv_trusted():
-        scale = 2.0 ** math.floor(math.log2(_FP16_NORM / math.sqrt(max_sq)))
-        if 2.0**-100 < scale < 2.0**100:
-            fp16 = _Fp16(scale, dim)
     if screen is None:
-        screen = dtype == torch.float64 or n * dim * 2 <= 2**28
-    h_ND: Tensor | None = None
-    hsq_N: Tensor | None = None
-    cent_h_KD: Tensor | None = None
-    cent_hsq_K: Tensor | None = None
-    if fp16 is not None:
-        if screen:
-            h_ND, hsq_N = fp16.encode_all(x_ND, dists._dots.chunk)
-            stats.screen = True
-        cent_h_KD = torch.empty(cap_k, dim, dtype=torch.float16, device=dev)
-        cent_hsq_K = torch.empty(cap_k, dtype=torch.float64, device=dev)
-        if num_labeled:
-            assert labeled_LD is not None
-            cent_h_KD[:num_labeled], cent_hsq_K[:num_labeled] = fp16.encode(labeled_LD)
-        else:
-            cent_h_KD[:1], cent_hsq_K[:1] = fp16.encode(x_ND[first : first + 1])
+        screen = n * dim * 4 <= 2**30
+    bounds = _Bounds(dists, screen and dtype != torch.float32, max_sq)
+    stats.screen = bounds.copied
+    cap_k = num_labeled + budget
+    cent_KD = bounds.rows_ND.new_empty(cap_k, dim)  # centers' bound rows: labeled, then picks
+    cent_sq_K = torch.empty(cap_k, dtype=torch.float64, device=dev)
+    if labeled_LD is not None:
+        cent_KD[:num_labeled], cent_sq_K[:num_labeled] = bounds.encode(labeled_LD)
+    else:
+        cent_KD[0], cent_sq_K[0] = bounds.rows_ND[first], bounds.sq_N[first]
+    num_centers = max(1, num_labeled)
 
-    screen_yield = [1.0]  # running fraction of screened candidates the screen settled
+    full = [False]  # whether the last batch stopped at its cap rather than at beta
 
-    def build() -> None:
-        live = (d_N > -math.inf).nonzero().flatten()
-        keys, order = torch.sort(assign_N.index_select(0, live), stable=True)
-        counts = torch.bincount(keys, minlength=k)
-        members.extend(live.index_select(0, order).split(counts.tolist()))
-        radius_K.scatter_reduce_(0, keys, d_N.index_select(0, live).index_select(0, order), "amax")
+    def next_batch(size: int) -> list[int]:
+        """The plain loop's next picks, as many as the ``size`` farthest points settle."""
+        want = budget - len(picks)
+        size = min(size, n - len(picks))
+        vals, top = torch.topk(d_N, min(size + 1, n))
+        beta = float(vals[size]) if vals.shape[0] > size else -math.inf
+        cand = top[:size]
+        cand = cand.index_select(0, torch.argsort(rank_N.index_select(0, cand)))
+        e_C = d_N.index_select(0, cand)
+        block, sq_C = dists.gather(cand)
+        batch: list[int] = []
+        while len(batch) < want:
+            if len(batch) * size > 4 * n:  # the block read 4 times over: update, shrink
+                full[0] = True
+                break
+            i = int(torch.argmax(e_C))  # the first maximum: the best ranked among ties
+            if not float(e_C[i]) > beta:  # someone outside may be as far: stop here
+                break
+            batch.append(int(cand[i]))
+            e_C[i] = -math.inf
+            if len(batch) < want:
+                torch.minimum(e_C, dists.block(block, sq_C, batch[-1]), out=e_C)
+                stats.rows_read += int(cand.shape[0])
+        if not batch:  # the farthest ties with beta: settle the tie over every point
+            tied = (d_N == d_N.max()).nonzero().flatten()
+            batch.append(int(tied[rank_N.index_select(0, tied).argmin()]))
+        return batch
 
-    def select() -> int:
-        radius_G = radius_K[: len(members)]
-        best = radius_G.max()
-        top = (radius_G == best).nonzero().flatten().tolist()
-        pts = members[top[0]] if len(top) == 1 else torch.cat([members[g] for g in top])
-        cand = pts.masked_select(d_N.index_select(0, pts) == best)
-        if cand.shape[0] == 1:
-            return int(cand[0])
-        pr = priority_N.index_select(0, cand)
-        return int(cand.masked_select(pr == pr.max()).min())  # the plain loop's argmax
+    def update(batch: list[int]) -> None:
+        """Fold the batch's picks (new centers) into ``d_N`` and ``assign_N``."""
+        nonlocal num_centers
+        k0, b = num_centers, len(batch)
+        pk = torch.tensor(batch, dtype=torch.long, device=dev)
+        cent_KD[k0 : k0 + b] = bounds.rows_ND.index_select(0, pk)
+        cent_sq_K[k0 : k0 + b] = bounds.sq_N.index_select(0, pk)
+        new_BD, new_sq_B = cent_KD[k0 : k0 + b], cent_sq_K[k0 : k0 + b]
+        num_centers += b
+        t_KB = bounds.lower(cent_sq_K[:k0, None], new_sq_B[None], cent_KD[:k0] @ new_BD.T)
+        thr_KB = _prune_thresholds(t_KB, delta, dtype)
+        # a point whose d is at most all its group's thresholds keeps d: O(N) scalars read
+        cand_N = d_N > thr_KB.amin(1).index_select(0, assign_N)
+        cand = cand_N.nonzero().flatten()
+        stats.batches += 1
+        stats.entries_scanned += n
+        q = int(cand.shape[0])
+        if q == 0:
+            return
+        radius_K = torch.full((k0,), -math.inf, dtype=dtype, device=dev)
+        radius_K.scatter_reduce_(
+            0, assign_N.index_select(0, cand), d_N.index_select(0, cand), "amax"
+        )
+        near_KB = radius_K[:, None] > thr_KB  # (group, pick) pairs not skipped whole
+        stats.groups_scanned += int(near_KB.sum())
+        # (candidate, pick) pairs left by the group tests: few once every region has centers
+        size_K = torch.bincount(assign_N.index_select(0, cand), minlength=k0)
+        if 2 * int(near_KB.sum(1).mul_(size_K).sum()) < q * b:
+            sparse_update(cand, near_KB, thr_KB, pk, k0)
+            return
+        # a new region's first picks, where most points may move: dense pair tests, reading
+        # bound rows once for all picks (slices of consecutive rows when most are candidates)
+        rows = max(16, min(dists._dots.chunk * 2, 2**20 // b))
+        dense = 4 * q >= n
+        for r0 in range(0, n if dense else q, rows):
+            r1 = min(n if dense else q, r0 + rows)
+            c_R = torch.arange(r0, r1, device=dev) if dense else cand[r0:r1]
+            d_R, a_R = d_N.index_select(0, c_R), assign_N.index_select(0, c_R)
+            need_RB = d_R[:, None] > thr_KB.index_select(0, a_R)  # never off cand_N
+            h_RD = bounds.rows_ND[r0:r1] if dense else bounds.rows_ND.index_select(0, c_R)
+            sq_R = bounds.sq_N.index_select(0, c_R)
+            s_RB = bounds.estimate(sq_R[:, None], new_sq_B, h_RD @ new_BD.T)
+            need_RB &= s_RB < bounds.cutoff(d_R, s_RB.amin(1), delta)[:, None]
+            stats.entries_scanned += int(need_RB.numel())
+            stats.rows_screened += int(c_R.shape[0])
+            pb, pr = need_RB.T.nonzero().unbind(1)  # pairs sorted by pick
+            exact(c_R.index_select(0, pr), pb, pk, k0)
 
-    def screened(j: int, cand: Tensor, d_M: Tensor, h_j: Tensor, hsq_j: Tensor) -> Tensor:
-        """Which of ``cand`` the float16 screen cannot settle (may come closer to ``j``)."""
-        assert fp16 is not None and h_ND is not None and hsq_N is not None
-        m = int(cand.shape[0])
-        if 4 * m >= n:
-            dots_M = torch.mv(h_ND, h_j).index_select(0, cand)
-            stats.rows_screened += n
-        else:
-            dots_M = torch.cat(
-                [
-                    torch.mv(h_ND.index_select(0, cand[r0 : r0 + 8192]), h_j)
-                    for r0 in range(0, m, 8192)
-                ]
-            )
-            stats.rows_screened += m
-        lb_M = fp16.lower_bound(hsq_N.index_select(0, cand), hsq_j, dots_M)
-        return lb_M.sub_(delta) < d_M  # settled where lb - delta >= d: computed dist >= d
+    def sparse_update(cand: Tensor, near_KB: Tensor, thr_KB: Tensor, pk: Tensor, k0: int) -> None:
+        """The pairs (candidate, pick) not skipped, from each group's list of near picks."""
+        gk, gb = near_KB.nonzero().unbind(1)  # sorted by group
+        thr_G = thr_KB[gk, gb]
+        count_K = torch.bincount(gk, minlength=k0)
+        start_K = count_K.cumsum(0).sub_(count_K)
+        a_Q = assign_N.index_select(0, cand)
+        reps_Q = count_K.index_select(0, a_Q)
+        qi = torch.repeat_interleave(reps_Q)  # candidate of each (candidate, near pick)
+        first_Q = reps_Q.cumsum(0).sub_(reps_Q)
+        at = torch.arange(qi.shape[0], device=dev)
+        at.add_((start_K.index_select(0, a_Q) - first_Q).index_select(0, qi))
+        stats.entries_scanned += int(qi.shape[0])
+        keep = d_N.index_select(0, cand).index_select(0, qi) > thr_G.index_select(0, at)
+        pr, pb = cand.index_select(0, qi[keep]), gb.index_select(0, at[keep])
+        pb, order = torch.sort(pb, stable=True)
+        pr = pr.index_select(0, order)
+        if bounds.copied and pr.shape[0]:  # bound rows cost half the exact ones: screen
+            dots_P = bounds.pair_dots(pr, pb, pk)
+            sq_P = bounds.sq_N.index_select(0, pr)
+            s_P = bounds.estimate(sq_P, cent_sq_K[k0:].index_select(0, pb), dots_P)
+            stats.rows_screened += int(pr.shape[0])
+            s_min_N = torch.full((n,), math.inf, dtype=torch.float64, device=dev)
+            s_min_N.scatter_reduce_(0, pr, s_P, "amin")
+            cut_P = bounds.cutoff(d_N.index_select(0, pr), s_min_N.index_select(0, pr), delta)
+            at_P = (s_P < cut_P).nonzero().flatten()
+            pr, pb = pr.index_select(0, at_P), pb.index_select(0, at_P)
+        exact(pr, pb, pk, k0)
 
-    def update(j: int) -> None:
-        new = len(members)
-        x_j = x_ND[j]
-        cent_KD[new] = x_j
-        cent_sq_K[new] = sq_N[j]
-        h_j = hsq_j = x_j  # placeholders when there is no float16 copy
-        if fp16 is not None:
-            assert cent_h_KD is not None and cent_hsq_K is not None
-            if h_ND is not None and hsq_N is not None:
-                h_j, hsq_j = h_ND[j], hsq_N[j]
-            else:
-                h_1D, hsq_1 = fp16.encode(x_ND[j : j + 1])
-                h_j, hsq_j = h_1D[0], hsq_1[0]
-            cent_h_KD[new] = h_j
-            cent_hsq_K[new] = hsq_j
-            t_K = fp16.lower_bound(cent_hsq_K[:new], hsq_j, torch.mv(cent_h_KD[:new], h_j))
-        else:
-            cc_K = torch.addmv(cent_sq_K[:new], cent_KD[:new], x_j, alpha=-2.0)
-            t_K = cc_K.add_(sq_N[j]).double().sub_(delta)
-        thr_K = _prune_thresholds(t_K, delta, dtype)
-        keep_K = radius_K[:new] > thr_K
-        keep_K[int(assign_N[j])] = True  # j leaves its group: that group's maximum changes
-        groups = keep_K.nonzero().flatten()
-        glist = groups.tolist()
-        single = len(glist) == 1
-        if single:
-            pts = members[glist[0]]
-            a_P = None
-            thr_P = thr_K[glist[0]]
-        else:
-            pts = torch.cat([members[g] for g in glist])
-            a_P = assign_N.index_select(0, pts)
-            thr_P = thr_K.index_select(0, a_P)
-        d_P = d_N.index_select(0, pts)
-        at_M = (d_P > thr_P).nonzero().flatten()  # j itself is at -inf
-        cand, d_M = pts.index_select(0, at_M), d_P.index_select(0, at_M)
-        stats.updates += 1
-        stats.groups_scanned += len(glist)
-        stats.entries_scanned += int(pts.shape[0])
-        m = int(cand.shape[0])
-        if (
-            h_ND is not None
-            and m >= max(_SCREEN_MIN_ROWS, n // 16)
-            and (screen_yield[0] >= 0.5 or stats.updates % 32 == 0)
-        ):
-            at_O = screened(j, cand, d_M, h_j, hsq_j).nonzero().flatten()
-            cand, d_M = cand.index_select(0, at_O), d_M.index_select(0, at_O)
-            # the screen pays where it settles most candidates (far ones), not within a blob
-            screen_yield[0] = 0.75 * screen_yield[0] + 0.25 * (1.0 - cand.shape[0] / m)
-        moved = cand[:0]
-        moved_d = d_M[:0]
-        if cand.shape[0]:
-            m = int(cand.shape[0])
-            if 4 * m >= n and dists._dots.direct:
-                dist_M = dists(j).index_select(0, cand)  # most rows: one pass beats a gather
-                stats.rows_read += n
-            else:
-                dist_M = dists.rows(cand, j)
-                stats.rows_read += m
-            at_C = (dist_M < d_M).nonzero().flatten()
-            moved, moved_d = cand.index_select(0, at_C), dist_M.index_select(0, at_C)
-            d_N.index_copy_(0, moved, moved_d)
-            assign_N.index_fill_(0, moved, new)
-        # the scanned groups lose j and the moved: new member lists and maxima
-        stay_P = assign_N.index_select(0, pts) != new
-        stay_P &= pts != j
-        at_S = stay_P.nonzero().flatten()
-        kept = pts.index_select(0, at_S)
-        if single:
-            members[glist[0]] = kept
-            radius_K[glist[0]] = d_N.index_select(0, kept).max() if kept.shape[0] else -math.inf
-        else:
-            assert a_P is not None
-            a_S = a_P.index_select(0, at_S)
-            counts = torch.bincount(a_S, minlength=new).index_select(0, groups)
-            for g, part in zip(glist, kept.split(counts.tolist()), strict=True):
-                members[g] = part.clone()  # a view would keep all of ``kept`` alive
-            radius_K.index_fill_(0, groups, -math.inf)
-            radius_K.scatter_reduce_(0, a_S, d_N.index_select(0, kept), "amax")
-        members.append(moved)
-        if moved.shape[0]:
-            radius_K[new] = moved_d.max()
+    def exact(pr: Tensor, pb: Tensor, pk: Tensor, k0: int) -> None:
+        """Computed distances of points ``pr`` to picks ``pk[pb]`` (sorted by ``pb``),
+        folded into ``d_N`` and ``assign_N``."""
+        if pr.shape[0] == 0:
+            return
+        dist_P = dists.pairs(pr, pk.index_select(0, pb))
+        stats.rows_read += int(pr.shape[0])
+        d_P = d_N.index_select(0, pr)
+        closer_P = dist_P < d_P
+        if not bool(closer_P.any()):
+            return
+        pr, pb, dist_P = pr[closer_P], pb[closer_P], dist_P[closer_P]
+        d_N.scatter_reduce_(0, pr, dist_P, "amin")
+        won = dist_P == d_N.index_select(0, pr)  # a pick at the new minimum
+        assign_N.index_put_((pr[won],), pb[won] + k0)
 
-    build()
+    size = _T_START
     while len(picks) < budget:
-        j = select()
-        picks.append(j)
-        d_N[j] = -math.inf
+        batch = next_batch(size)
+        picks.extend(batch)
+        d_N.index_fill_(0, torch.tensor(batch, dtype=torch.long, device=dev), -math.inf)
         if len(picks) < budget:
-            update(j)
+            update(batch)
+        # few picks per batch: the farthest points crowd in few regions, look at more of
+        # them; many: fewer suffice (each pick reads all the candidates' rows)
+        if full[0] or 4 * len(batch) > size:
+            size, full[0] = max(size // 4, _T_START), False
+        elif 16 * len(batch) < size:
+            size = min(4 * size, max(_T_START, n // 32))
     return torch.tensor(picks, dtype=torch.long)
 
 

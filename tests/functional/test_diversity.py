@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 import subprocess
 import sys
@@ -244,12 +243,11 @@ def test_pruned_k_center_skips_rows_on_clustered_data() -> None:
         got, stats = _pruned(x, 200, labeled, seed=0, screen=screen)
         assert got == _plain_k_center(x, 200, labeled, seed=0)
         assert stats.updates == 199 and stats.num_points == 4000
-        screened = screen and D._fp16_mv_trusted()  # the screen needs float32 accumulation
-        assert stats.screen == screened
+        assert stats.screen == screen  # a float32 copy of the float64 features, or none
         # the plain loop reads all 4000 rows at every update; groups far away are skipped
         assert stats.read_fraction < 0.15, stats
         assert stats.groups_scanned / stats.updates < 30, stats
-        assert (stats.rows_screened > 0) == screened
+        assert 1 < stats.batches < 100, stats
 
 
 def test_k_center_greedy_takes_the_pruned_path_for_plain_embeddings() -> None:
@@ -304,6 +302,14 @@ def test_tree_kernel_rows_equal_full_vector_and_picks(monkeypatch: pytest.Monkey
         assert torch.equal(dist.rows(idx, 3), full[idx])
         assert torch.allclose(full, ((x - x[3]) ** 2).sum(1), atol=1e-4)
         assert _pruned(x, 60, x[:4] + 0.1, seed=1)[0] == _plain_k_center(x, 60, x[:4] + 0.1, 1)
+        pairs = torch.repeat_interleave(torch.tensor([3, 200]), torch.tensor([40, 37]))
+        assert torch.equal(dist.pairs(idx, pairs), torch.cat([full[idx[:40]], dist(200)[idx[40:]]]))
+    # many batches through both update paths, on the tree kernel
+    monkeypatch.setattr(D, "_T_START", 16)
+    x = _dataset("clustered", 2000, 24, torch.float64, seed=5)
+    for labeled in (None, x[:8] + 0.05):
+        got, stats = _pruned(x, 300, labeled, seed=3)
+        assert got == _plain_k_center(x, 300, labeled, seed=3) and stats.batches > 20
 
 
 def test_prune_threshold_keeps_the_boundary_point() -> None:
@@ -345,30 +351,105 @@ def test_prune_thresholds_follow_the_bound(dtype: torch.dtype) -> None:
                 assert th >= float(bound) - 1e-5 * abs(float(bound)) - 1e-300
 
 
-def test_fp16_lower_bounds_hold() -> None:
-    if not D._fp16_mv_trusted():
-        pytest.skip("float16 matrix-vector products do not accumulate in float32 here")
+@pytest.mark.parametrize(
+    ("dtype", "screen", "norm"),
+    [
+        (torch.float64, True, 32.0),  # a float32 copy
+        (torch.float64, False, 32.0),  # the float64 features themselves
+        (torch.float32, False, 32.0),  # the float32 features themselves
+        (torch.float32, False, 2.0**40),  # huge norms: a scaled float32 copy
+        (torch.float64, True, 2.0**-40),  # tiny norms: a scaled float32 copy
+    ],
+)
+def test_bounds_hold(dtype: torch.dtype, screen: bool, norm: float) -> None:
+    """Lower bounds never exceed the true squared distance; cut-offs never drop a pair whose
+    computed distance could change the running minimum; and both are tight enough to use."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 96, generator=g, dtype=torch.float64)
-    # norms just under 32: scaled by 4 to just under 128, where float16 rounds coarsest
-    x *= (31.99 - torch.rand(400, 1, generator=g, dtype=torch.float64)) / x.norm(
+    # norms just under ``norm``, where the copy rounds coarsest, with near and exact duplicates
+    x *= (norm - norm / 64 * torch.rand(400, 1, generator=g, dtype=torch.float64)) / x.norm(
         dim=1, keepdim=True
     )
-    x[200:] = x[:200] + 1e-3 * torch.randn(200, 96, generator=g, dtype=torch.float64)
-    x[-1] = x[0]  # an exact duplicate
-    max_norm = float(x.norm(dim=1).max())
-    fp16 = D._Fp16(2.0 ** math.floor(math.log2(D._FP16_NORM / max_norm)), 96)
-    h, hsq = fp16.encode_all(x, 64)
-    # the two ingredients: quantisation error per row and float16 dot error
-    assert ((h.double() / fp16.scale - x).norm(dim=1) <= fp16.eps / fp16.scale).all()
-    exact = h.double() @ h[:50].double().T
-    got = torch.stack([torch.mv(h, h[j]) for j in range(50)], 1).double()
-    assert ((got - exact).abs() <= fp16.err / 2).all()
-    true = torch.cdist(x, x[:50]).pow(2)  # float64 reference
-    for j in range(50):
-        lb = fp16.lower_bound(hsq, hsq[j], torch.mv(h, h[j]))
-        assert (lb <= true[:, j]).all()
-    # and they are useful: far pairs are bounded to within a few percent
-    far = true[:, 0] > 10
-    lb0 = fp16.lower_bound(hsq, hsq[0], torch.mv(h, h[0]))
-    assert (lb0[far] > 0.95 * true[far, 0]).all()
+    x[200:] = x[:200] + norm * 1e-5 * torch.randn(200, 96, generator=g, dtype=torch.float64)
+    x[-1] = x[0]
+    x = x.to(dtype)
+    dists = F.sq_dists_to(x)
+    max_sq = float(dists.sq_norm_N.max())
+    bounds = D._Bounds(dists, screen, max_sq)
+    assert bounds.copied == (screen or norm > 2.0**30 or norm < 2.0**-30)
+    x64 = x.double()
+    true = torch.cdist(x64, x64[:50]).pow(2)  # float64 reference
+    sq = bounds.sq_N
+    dots = bounds.rows_ND @ bounds.rows_ND[:50].T
+    lower = bounds.lower(sq[:, None], sq[None, :50], dots)
+    assert (lower <= true * (1 + 1e-12)).all()
+    far = true > 1e-2 * norm * norm
+    assert (lower[far] > 0.99 * true[far]).all()
+    # cut-offs: a pair at or above its point's cut-off cannot lower the running minimum
+    # min(d, computed distances of all the point's pairs)
+    delta = 2.0 * D._gamma(dists._dots.width + 2, torch.finfo(dtype).eps / 2) * 4.0 * max_sq
+    s_est = bounds.estimate(sq[:, None], sq[None, :50], dots)
+    computed = torch.stack([dists(j) for j in range(50)], 1)
+    for d in (computed.amin(1), computed.amax(1), computed[:, 7], computed[:, 7] * 0.999):
+        dropped = s_est >= bounds.cutoff(d, s_est.amin(1), delta)[:, None]
+        floor = torch.minimum(d, computed.amin(1))[:, None].expand_as(computed)
+        assert (computed[dropped] >= floor[dropped]).all()
+        assert dropped.float().mean() > 0.5  # most pairs are settled without exact distances
+
+
+def test_pairs_and_blocks_equal_full_vectors_bit_for_bit() -> None:
+    """The update's and the batches' reads give exactly the full pass's values."""
+    g = torch.Generator().manual_seed(0)
+    for d, dtype in (
+        (5, torch.float64),
+        (16, torch.float32),
+        (33, torch.float32),
+        (64, torch.float64),
+    ):
+        x = torch.randn(1037, d, generator=g, dtype=dtype) * 3 + 1
+        dist = F.sq_dists_to(x)
+        dist._dots.chunk = 48  # runs spanning chunks of the buffer
+        full = {j: dist(j) for j in (0, 3, 500, 1036)}
+        js = torch.tensor([0, 0, 3, 500, 500, 500, 1036])
+        counts = torch.tensor([1, 17, 16, 100, 3, 60, 1])
+        j_P = torch.repeat_interleave(js, counts)
+        idx_P = torch.randint(1037, (int(counts.sum()),), generator=g)
+        got = dist.pairs(idx_P, j_P)
+        want = torch.stack([full[int(j)][int(i)] for i, j in zip(idx_P, j_P, strict=True)])
+        assert torch.equal(got, want)
+        for size in (1, 15, 16, 17, 300):
+            idx = torch.randperm(1037, generator=g)[:size]
+            block, sq = dist.gather(idx)
+            assert torch.equal(dist.block(block, sq, 500), full[500][idx])
+            assert torch.equal(dist.block(block, sq, 3), full[3][idx])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("num_labeled", [0, 8])
+def test_batched_k_center_many_batches_equal_plain_loop(
+    dtype: torch.dtype, num_labeled: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small candidate sets force many batches through both update paths (dense pair tests
+    while regions lack centers, sparse group lists after), with and without the copy."""
+    g = torch.Generator().manual_seed(1)
+    means = torch.randn(40, 24, generator=g, dtype=dtype) * 3
+    x = means[torch.randint(40, (3000,), generator=g)] + 0.2 * torch.randn(
+        3000, 24, generator=g, dtype=dtype
+    )
+    x[2000:2100] = x[:100]  # exact duplicates: ties among the farthest
+    labeled = x[:num_labeled] + 0.05 if num_labeled else None
+    want = _plain_k_center(x, 400, labeled, seed=3)
+    for start in (16, 256):
+        monkeypatch.setattr(D, "_T_START", start)
+        for screen in (False, True):
+            got, stats = _pruned(x, 400, labeled, seed=3, screen=screen)
+            assert got == want, (start, screen)
+            assert stats.batches > (20 if start == 16 else 2), stats
+            assert stats.rows_screened > 0 and stats.read_fraction < 0.5, stats
+
+
+def test_k_center_greedy_plain_loop_for_extreme_norms() -> None:
+    """Norms past the bounds' range: the plain loop, same picks."""
+    x = _dataset("clustered", 300, 6, torch.float64, seed=4) * 2.0**120
+    got, _ = _pruned(x, 30, None, seed=2)
+    assert got == _plain_k_center(x, 30, None, seed=2)
