@@ -201,8 +201,14 @@ def mc_dropout(model: nn.Module) -> Iterator[None]:
             m.train()
         yield
     finally:
-        for module, mode in modes.items():
-            module.train(mode)
+        _restore(modes)
+
+
+def _restore(modes: Mapping[nn.Module, bool]) -> None:
+    """Give every module back its own train/eval flag (flag by flag: ``Module.train`` would
+    walk each module's whole subtree again)."""
+    for module, mode in modes.items():
+        module.training = mode
 
 
 @contextlib.contextmanager
@@ -213,8 +219,7 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.eval()
         yield
     finally:
-        for m, mode in modes.items():
-            m.train(mode)
+        _restore(modes)
 
 
 def probe_feature_shapes(
@@ -239,3 +244,34 @@ def probe_feature_shapes(
                 f"{type(model).__name__} ({err}); pass the (C, H, W) of one real input"
             ) from err
     return {n: tuple(t.shape for t in as_levels(store[n])) for n in store}
+
+
+def active_dropout(model: nn.Module) -> list[str]:
+    """Names of the modules :func:`mc_dropout` switches on: dropout modules with ``p > 0``
+    and modules carrying an :class:`InjectedDropout`, in registration order."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if (isinstance(m, _DROPOUT) and m.p > 0)
+        or any(isinstance(h, InjectedDropout) for h in m._forward_pre_hooks.values())
+    ]
+
+
+def rng_state(device: torch.device) -> Tensor | None:
+    """The state of the generator that dropout on ``device`` draws from (CPU or CUDA);
+    ``None`` for other devices."""
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return None
+
+
+def set_rng_state(device: torch.device, state: Tensor | None) -> None:
+    """Restore a state from :func:`rng_state` (nothing for ``None``)."""
+    if state is None:
+        return
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    elif device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)

@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from mmseg.models.decode_heads.decode_head import BaseDecodeHead
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
@@ -67,6 +68,11 @@ def assemble(
     cover each pixel, as ``slide_inference`` does; one whole window is ``whole_inference``.
     """
     first = window_logits[0]
+    whole = len(wins) == 1 and tuple(first.shape[-2:]) == (int(shape[0]), int(shape[1]))
+    if whole and type(head).predict_by_feat is BaseDecodeHead.predict_by_feat:
+        # one window at full resolution (a stride-1 decoder such as UNet's): the resize to
+        # the same size and the division by a count of one leave every value as it is
+        return first
     preds = first.new_zeros(first.shape[0], first.shape[1], int(shape[0]), int(shape[1]))
     count = first.new_zeros(1, 1, int(shape[0]), int(shape[1]))
     for logits, (y1, y2, x1, x2) in zip(window_logits, wins, strict=True):

@@ -9,7 +9,7 @@ one click, the annotator gives it one class).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,40 +134,44 @@ def pad_images(images: Sequence[Tensor], divisor: int = 1) -> tuple[Tensor, list
 
 
 def pixel_predictions(
-    probs_BCHWK: Tensor,
+    probs_BCHWK: Tensor | Iterable[Tensor],
     sizes: Sequence[tuple[int, int]],
     units: Units | None,
     region_maps: Sequence[Tensor],
     cost: str,
+    num_samples: int = 1,
 ) -> Predictions:
     """Per-pixel :class:`Predictions` of a padded batch of probability maps.
 
     Args:
-        probs_BCHWK: softmax probabilities of the padded batch, ``K`` samples last.
+        probs_BCHWK: softmax probabilities of the padded batch, ``K`` samples last; or an
+            iterable of ``num_samples`` maps ``[B, C, H, W]`` (MC dropout), each written
+            straight into the per-pixel output as it is drawn: no ``[B, C, H, W, K]``
+            stack, and one sample's map alive at a time.
         sizes: every image's own ``(h, w)``; pixels of the padding are no units.
         units: the pixels to return (``None``: every pixel of every image, row-major).
         region_maps: every image's ``[h, w]`` region ids (:meth:`PixelRegions.region_map`).
         cost: ``"pixels"`` or ``"clicks"`` (see :class:`PixelRegions`).
+        num_samples: ``K`` when the samples come one by one.
     """
     counts = torch.tensor([h * w for h, w in sizes])
-    flat = torch.cat(
-        [probs_BCHWK[i, :, :h, :w].flatten(1, 2).movedim(1, 0) for i, (h, w) in enumerate(sizes)]
-    )  # [sum h*w, C, K]
-    regions = torch.cat([m.flatten() for m in region_maps]).to(flat.device)
-    device = flat.device
+    starts = torch.cumsum(counts, 0) - counts
+    rows = None if units is None else starts[units.owner_U.cpu()] + units.unit_U.cpu()
+    probs = _unit_probs(probs_BCHWK, sizes, counts, rows, num_samples)
+    device = probs.device
+    regions = torch.cat([m.flatten() for m in region_maps]).to(device)
     if cost == "clicks":  # each pixel carries 1 / (its region's size): a region costs 1
         per_pixel = [(1.0 / torch.bincount(m.flatten()).double())[m.flatten()] for m in region_maps]
         cost_all = torch.cat(per_pixel).float().to(device)
     else:
-        cost_all = torch.ones(len(flat), device=device)
-    if units is None:
+        cost_all = torch.ones(len(regions), device=device)
+    if units is None or rows is None:
         owner = torch.repeat_interleave(torch.arange(len(sizes)), counts)
         units = Units(owner, torch.cat([torch.arange(int(n)) for n in counts]))
-        probs, region_U, cost_U = flat, regions, cost_all
+        region_U, cost_U = regions, cost_all
     else:
-        starts = torch.cumsum(counts, 0) - counts
-        rows = (starts[units.owner_U.cpu()] + units.unit_U.cpu()).to(device)
-        probs, region_U, cost_U = flat[rows], regions[rows], cost_all[rows]
+        rows = rows.to(device)
+        region_U, cost_U = regions[rows], cost_all[rows]
     return Predictions(
         probs,
         units.owner_U.to(device),
@@ -176,3 +180,42 @@ def pixel_predictions(
         region_U=region_U,
         cost_U=cost_U,
     )
+
+
+def _unit_probs(
+    probs: Tensor | Iterable[Tensor],
+    sizes: Sequence[tuple[int, int]],
+    counts: Tensor,
+    rows: Tensor | None,
+    num_samples: int,
+) -> Tensor:
+    """``[U, C, K]``: the images' own pixels (row-major, padding dropped), or ``rows`` of
+    them, from ``[B, C, H, W, K]`` or from ``K`` maps ``[B, C, H, W]`` given one by one."""
+    if isinstance(probs, Tensor):
+        flat = torch.cat(
+            [probs[i, :, :h, :w].flatten(1, 2).movedim(1, 0) for i, (h, w) in enumerate(sizes)]
+        )  # [sum h*w, C, K]
+        return flat if rows is None else flat[rows.to(flat.device)]
+    ends = torch.cumsum(counts, 0).tolist()
+    out: Tensor | None = None  # [K, U, C]: each sample's block is contiguous
+    k = -1
+    for k, sample in enumerate(probs):
+        if k >= num_samples:
+            raise ValueError(f"more than num_samples={num_samples} probability maps")
+        if out is None:
+            total = int(counts.sum()) if rows is None else len(rows)
+            out = sample.new_empty(num_samples, total, sample.shape[1])
+        if rows is None and all(hw == tuple(sample.shape[-2:]) for hw in sizes):
+            # no padding: the whole batch in one copy, [B, C, H, W] -> [B, H*W, C]
+            out[k].view(sample.shape[0], -1, sample.shape[1]).copy_(
+                sample.flatten(2).transpose(1, 2)
+            )
+        elif rows is None:
+            for i, (h, w) in enumerate(sizes):
+                out[k, ends[i] - h * w : ends[i]] = sample[i, :, :h, :w].flatten(1).T
+        else:
+            flat = torch.cat([sample[i, :, :h, :w].flatten(1).T for i, (h, w) in enumerate(sizes)])
+            out[k] = flat[rows.to(flat.device)]
+    if out is None or k != num_samples - 1:
+        raise ValueError(f"{k + 1} probability maps for num_samples={num_samples}")
+    return out.permute(1, 2, 0)  # [U, C, K], a view: no copy of the whole output

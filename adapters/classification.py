@@ -2,13 +2,30 @@
 
 A unit is an image: ``probs_UCK`` is ``[B, C, K]`` (softmax), ``owner_U`` is ``arange(B)``
 and ``unit_U`` is zero.
+
+MC dropout runs the network once and re-runs only the part that holds every active dropout
+on that part's cached input. The part is found at the first MC call, from the modules that
+:func:`~taskal.adapters._hooks.mc_dropout` switches on: the smallest module holding all of
+them whose output is the model's output (``fc`` with the dropout injected on its input for a
+ResNet, the ``classifier`` ``Sequential`` of a VGG, MobileNet or EfficientNet), or else that
+module followed by the classifier, when its output is the classifier's input and the
+classifier's output is the model's (``dropout`` then ``fc`` for
+:class:`~taskal.models.SmallCNN`). The first MC sample is a full pass that records the
+part's input; the part is then replayed from the same RNG state and must give the very same
+logits with the very same number of random draws, so that no work after the part and no
+dropout outside it goes unnoticed. A part that passes serves the other ``T - 1`` samples,
+which equal those of ``T`` full passes from the same RNG state (the masks are drawn in the
+same order). When none passes (dropout elsewhere in the network, work after the part, a
+device whose RNG cannot be replayed), every sample is a full pass;
+:attr:`ClassificationAdapter.mc_rerun` tells which.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +34,7 @@ from torch.nn import functional as F
 
 from taskal.adapters._hooks import (
     CapturedFeatures,
+    active_dropout,
     capture_outputs,
     detach_levels,
     ensure_dropout,
@@ -24,6 +42,8 @@ from taskal.adapters._hooks import (
     feature_names,
     mc_dropout,
     probe_feature_shapes,
+    rng_state,
+    set_rng_state,
 )
 from taskal.registry import ADAPTERS
 from taskal.types import (
@@ -97,6 +117,9 @@ class ClassificationAdapter(Adapter):
         self._feature_info = self._learn_feature_info(feature_layers)
         where = f"the classifier input ({self._classifier_name!r})"
         ensure_dropout(model, head, dropout_p, type(model).__name__, where)
+        #: the active dropout modules the MC part was found for, and that part (None: full
+        #: re-runs); None until the first MC call.
+        self._mc: tuple[tuple[str, ...], _Rerun | None] | None = None
 
     # -- contract -------------------------------------------------------------------------
     @property
@@ -115,6 +138,15 @@ class ClassificationAdapter(Adapter):
     def feature_info(self) -> list[FeatureInfo]:
         return list(self._feature_info)
 
+    @property
+    def mc_rerun(self) -> tuple[str, ...] | None:
+        """The modules an MC sample re-runs on the cached input, in call order (``("fc",)``,
+        ``("classifier",)``, ``("dropout", "fc")``); ``None`` before the first MC call and
+        when every sample is a full pass (see the module docstring)."""
+        if self._mc is None or self._mc[1] is None:
+            return None
+        return self._mc[1].names
+
     def predict(self, batch: Batch, n_samples: int = 1, units: Units | None = None) -> Predictions:
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
@@ -126,9 +158,14 @@ class ClassificationAdapter(Adapter):
                 images, units, "the caller (units for an image classifier: one per item)"
             )
             images = Units(units.owner_U.to(self._device), units.unit_U.to(self._device))
-        context = self.stochastic() if n_samples > 1 else eval_mode(self._model)
-        with torch.no_grad(), context:
-            probs = [F.softmax(self._model(x).float(), dim=1) for _ in range(n_samples)]
+        with torch.no_grad():
+            if n_samples > 1:
+                with self.stochastic():
+                    logits = self._mc_logits(x, n_samples)
+            else:
+                with eval_mode(self._model):
+                    logits = [self._model(x)]
+        probs = [F.softmax(t.float(), dim=1) for t in logits]
         return Predictions(
             torch.stack(probs, dim=-1), images.owner_U, self.prob_kind, unit_U=images.unit_U
         )
@@ -179,6 +216,65 @@ class ClassificationAdapter(Adapter):
         return self._classifier.weight.detach(), bias
 
     # -- helpers --------------------------------------------------------------------------
+    def _mc_logits(self, x: Tensor, n_samples: int) -> list[Tensor]:
+        """``n_samples`` MC logits (dropout on): one full pass, then the MC part re-run on
+        its cached input, or full passes when there is no MC part."""
+        active = tuple(active_dropout(self._model))
+        call: _Call | None = None
+        if self._mc is None or self._mc[0] != active:  # first MC call, or dropout changed
+            first, rerun, call = self._find_rerun(x, active)
+            self._mc = (active, rerun)
+        elif (rerun := self._mc[1]) is None:
+            first = self._model(x)
+        else:
+            with _record_calls({rerun.names[0]: rerun.modules[0]}) as calls:
+                first = self._model(x)
+            found = calls[rerun.names[0]]
+            call = found[0] if len(found) == 1 else None
+        logits = [first]
+        for _ in range(n_samples - 1):
+            logits.append(self._model(x) if rerun is None or call is None else rerun(call))
+        return logits
+
+    def _find_rerun(
+        self, x: Tensor, active: tuple[str, ...]
+    ) -> tuple[Tensor, _Rerun | None, _Call | None]:
+        """The first MC sample (a full pass), the MC part that reproduces it and the part's
+        recorded call (``None, None`` when no candidate does; see the module docstring)."""
+        modules = dict(self._model.named_modules())
+        chain = _ancestors(_common_prefix(active))
+        head_name = self._classifier_name
+        watched = {n: modules[n] for n in dict.fromkeys([*chain, head_name])}
+        before = rng_state(self._device)
+        with _record_calls(watched) as calls:
+            out = self._model(x)
+        after = rng_state(self._device)
+        once = {n: c[0] for n, c in calls.items() if len(c) == 1}
+        candidates: list[tuple[str, ...]] = [
+            (n,) for n in chain if n in once and once[n].out is out
+        ]
+        head = once.get(head_name)
+        if head is not None and head.out is out and len(head.args) == 1 and not head.kwargs:
+            candidates += [
+                (n, head_name)
+                for n in chain
+                if n in once
+                and not (head_name == n or head_name.startswith(n + "."))
+                and once[n].out is head.args[0]
+            ]
+        if before is None or after is None:
+            return out, None, None  # no RNG to replay from
+        for names in candidates:
+            rerun = _Rerun(names, tuple(modules[n] for n in names))
+            set_rng_state(self._device, before)
+            replay = rerun(once[names[0]])
+            now = rng_state(self._device)
+            same_draws = now is not None and torch.equal(now, after)
+            set_rng_state(self._device, after)
+            if same_draws and _same_tensor(replay, out):
+                return out, rerun, once[names[0]]
+        return out, None, None
+
     def _inputs(self, batch: Batch) -> Tensor:
         """The batch as one ``[B, C, H, W]`` tensor on the device (a list is stacked)."""
         if isinstance(batch.inputs, Tensor):
@@ -227,6 +323,90 @@ class ClassificationAdapter(Adapter):
             strides = _strides(self.input_shape, shapes[n], layout)
             infos.append(FeatureInfo(n, channels.pop(), strides, module=n))
         return infos
+
+
+@dataclass
+class _Call:
+    """One call of a module: its arguments (before its other pre-hooks, so before an
+    injected dropout), a copy of them taken then (an in-place dropout inside the module
+    overwrites the originals), and its output (after its forward hooks)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    saved: tuple[tuple[Any, ...], dict[str, Any]]
+    out: Any = None
+
+
+@dataclass(frozen=True)
+class _Rerun:
+    """The MC part: modules called in order, the first on a copy of a recorded call's
+    arguments (a fresh one per run, so in-place dropout never reaches the cache)."""
+
+    names: tuple[str, ...]
+    modules: tuple[nn.Module, ...]
+
+    def __call__(self, call: _Call) -> Any:
+        args, kwargs = _copy(call.saved)
+        out = self.modules[0](*args, **kwargs)
+        for module in self.modules[1:]:
+            out = module(out)
+        return out
+
+
+def _copy(
+    saved: tuple[tuple[Any, ...], dict[str, Any]],
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Arguments with every tensor cloned."""
+    args, kwargs = saved
+    return (
+        tuple(a.clone() if isinstance(a, Tensor) else a for a in args),
+        {k: v.clone() if isinstance(v, Tensor) else v for k, v in kwargs.items()},
+    )
+
+
+@contextlib.contextmanager
+def _record_calls(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, list[_Call]]]:
+    """Every call of ``modules`` during the block, per name (the hooks are always removed)."""
+    calls: dict[str, list[_Call]] = {n: [] for n in modules}
+    handles = []
+    try:
+        for name, module in modules.items():
+
+            def pre(
+                _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name
+            ) -> None:
+                calls[name].append(_Call(args, dict(kwargs), _copy((args, kwargs))))
+
+            def post(_m: nn.Module, _args: Any, out: Any, name: str = name) -> None:
+                calls[name][-1].out = out
+
+            handles.append(module.register_forward_pre_hook(pre, prepend=True, with_kwargs=True))
+            handles.append(module.register_forward_hook(post))
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+    """The deepest module name that is or contains every one of ``names`` (``""``: root)."""
+    parts = [n.split(".") for n in names]
+    common: list[str] = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _ancestors(name: str) -> list[str]:
+    """``name`` and the modules containing it, deepest first, without the root."""
+    parts = name.split(".") if name else []
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def _same_tensor(a: Any, b: Tensor) -> bool:
+    return isinstance(a, Tensor) and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
 
 
 def _strides(

@@ -158,16 +158,17 @@ class MMSegAdapter(Adapter):
         with torch.no_grad():
             with eval_mode(self._model):
                 logits, cached = infer.run_windows(self._seg, inputs, wins)
+            maps = [self.regions.region_map(img) for img in batch.inputs]
             if n_samples > 1:
                 with self.stochastic():
-                    draws = [
+                    draws = (
                         self._softmax([self._head.cls_seg(c) for c in cached], wins, shape)
                         for _ in range(n_samples)
-                    ]
-                probs = torch.stack(draws, -1)
-            else:
-                probs = self._softmax(logits, wins, shape).unsqueeze(-1)
-        maps = [self.regions.region_map(img) for img in batch.inputs]
+                    )
+                    return pixel_predictions(
+                        draws, sizes, units, maps, self.regions.cost, n_samples
+                    )
+            probs = self._softmax(logits, wins, shape).unsqueeze(-1)
         return pixel_predictions(probs, sizes, units, maps, self.regions.cost)
 
     def features(self, batch: Batch, names: Sequence[str] | None = None) -> dict[str, FeatureMap]:

@@ -182,14 +182,15 @@ class TorchvisionSegmentationAdapter(Adapter):
         with torch.no_grad():
             with eval_mode(self._model), self._capture_rerun_input() as store:
                 logits = self._model(x)["out"]
+            maps = [self.regions.region_map(img) for img in batch.inputs]
             if n_samples > 1:
                 cached = store["input"]
                 with self.stochastic():
-                    draws = [self._resample(cached, x.shape[-2:]) for _ in range(n_samples)]
-                probs = torch.stack(draws, -1)
-            else:
-                probs = logits.float().softmax(1).unsqueeze(-1)
-        maps = [self.regions.region_map(img) for img in batch.inputs]
+                    draws = (self._resample(cached, x.shape[-2:]) for _ in range(n_samples))
+                    return pixel_predictions(
+                        draws, sizes, units, maps, self.regions.cost, n_samples
+                    )
+            probs = logits.float().softmax(1).unsqueeze(-1)
         return pixel_predictions(probs, sizes, units, maps, self.regions.cost)
 
     def features(self, batch: Batch, names: Sequence[str] | None = None) -> dict[str, FeatureMap]:

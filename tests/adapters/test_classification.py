@@ -7,9 +7,10 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 
 from taskal.adapters import ClassificationAdapter
-from taskal.adapters._hooks import capture_outputs
+from taskal.adapters._hooks import capture_outputs, inject_dropout
 from taskal.models import SmallCNN, torchvision_classifier
 from taskal.types import Batch, Units, as_levels
 
@@ -309,3 +310,164 @@ def test_capture_refuses_an_output_without_tensors() -> None:
     with pytest.raises(TypeError, match="holding no tensor"), capture_outputs(model, ["0"]):
         model(torch.rand(1))
     assert not model[0]._forward_hooks
+
+
+# -- MC dropout on cached features ----------------------------------------------------------
+def _full_reruns(adapter: ClassificationAdapter, x: torch.Tensor, n: int) -> torch.Tensor:
+    """The reference: ``n`` full forwards under MC dropout, softmax stacked last."""
+    with torch.no_grad(), adapter.stochastic():
+        return torch.stack([torch.softmax(adapter.model(x).float(), 1) for _ in range(n)], -1)
+
+
+def _count_calls(module: nn.Module) -> list[int]:
+    calls = [0]
+
+    def hook(_m: nn.Module, _args: object, _out: object) -> None:
+        calls[0] += 1
+
+    module.register_forward_hook(hook)
+    return calls
+
+
+class TinyEfficientNetHead(nn.Module):
+    """EfficientNet's layout: ``classifier = Sequential(Dropout(inplace=True), Linear)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(0.3, inplace=True), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def _resnet() -> tuple[nn.Module, str]:
+    return torchvision_classifier("resnet18", num_classes=3, in_channels=1), "layer4"
+
+
+def _smallcnn() -> tuple[nn.Module, str]:
+    return SmallCNN(1, 3, width=8), "block3"
+
+
+def _mobilenet() -> tuple[nn.Module, str]:
+    model = torchvision_classifier("mobilenet_v3_small", num_classes=3, in_channels=1)
+    # from scratch its features are ~1e-8: biases and weights that make the samples differ
+    nn.init.normal_(model.classifier[0].bias, std=1.0)
+    nn.init.normal_(model.classifier[-1].weight, std=1.0)
+    return model, "features"
+
+
+def _efficientnet_like() -> tuple[nn.Module, str]:
+    return TinyEfficientNetHead(), "features"
+
+
+@pytest.mark.filterwarnings(NO_DROPOUT)
+@pytest.mark.parametrize(
+    ("build", "rerun"),
+    [
+        (_resnet, ("fc",)),  # dropout injected on the classifier input
+        (_smallcnn, ("dropout", "fc")),  # a dropout module, then the classifier
+        (_mobilenet, ("classifier",)),  # torchvision's classifier Sequential
+        (_efficientnet_like, ("classifier",)),  # in-place dropout first in the Sequential
+    ],
+)
+def test_mc_samples_rerun_only_the_dropout_part(build, rerun) -> None:  # type: ignore[no-untyped-def]
+    """One forward of the network, then only the part holding the dropout; the samples are
+    those of full re-runs from the same RNG state, and the RNG ends where theirs does."""
+    torch.manual_seed(0)
+    model, trunk = build()
+    adapter = ClassificationAdapter(model, input_shape=(1, 32, 32))
+    calls = _count_calls(model.get_submodule(trunk))
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    batch = Batch(x, ["a", "b", "c"])
+    assert adapter.mc_rerun is None  # found at the first MC call
+    for _ in range(2):  # the first call finds and checks the part, the second reuses it
+        torch.manual_seed(5)
+        cached = adapter.predict(batch, n_samples=5).probs_UCK
+        after_cached = torch.get_rng_state()
+        assert adapter.mc_rerun == rerun
+        assert calls[0] == 1, "the network runs once per MC call"
+        calls[0] = 0
+        torch.manual_seed(5)
+        reference = _full_reruns(adapter, x, 5)
+        calls[0] = 0
+        assert torch.equal(cached, reference)
+        assert torch.equal(after_cached, torch.get_rng_state())
+    assert not torch.allclose(cached[..., 0], cached[..., 1])
+    assert all(not m._forward_hooks or m is model.get_submodule(trunk) for m in model.modules())
+
+
+class DropoutInBlock(nn.Module):
+    """Dropout in the middle of the network: MC samples must re-run all of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.3))
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.stem(x).mean((2, 3))))
+
+
+class WorkAfterClassifier(nn.Module):
+    """The classifier (with dropout injected) is not the last step: a temperature follows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.stem(x).mean((2, 3))) / 2.0
+
+
+class FunctionalDropout(nn.Module):
+    """A module holding every dropout module, but with more dropout drawn outside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.dropout(self.stem(x), 0.2, training=self.head[0].training)
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.filterwarnings(NO_DROPOUT)
+@pytest.mark.parametrize("net", [DropoutInBlock, WorkAfterClassifier, FunctionalDropout])
+def test_mc_falls_back_to_full_reruns(net: type[nn.Module]) -> None:
+    """No part reproduces the model's output from the same RNG state: full re-runs."""
+    torch.manual_seed(0)
+    model = net()
+    adapter = ClassificationAdapter(model, input_shape=(1, 8, 8), feature_layers=["stem"])
+    calls = _count_calls(model.stem)
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        torch.manual_seed(5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sampled = adapter.predict(Batch(x, ["a", "b"]), n_samples=4).probs_UCK
+        assert adapter.mc_rerun is None and calls[0] == 4
+        torch.manual_seed(5)
+        assert torch.equal(sampled, _full_reruns(adapter, x, 4))
+        calls[0] = 0
+    assert not torch.allclose(sampled[..., 0], sampled[..., 1])
+
+
+def test_mc_part_found_again_when_dropout_changes() -> None:
+    """Dropout injected after the first MC call (elsewhere): the part is checked again."""
+    torch.manual_seed(0)
+    model = SmallCNN(1, 3, width=4)
+    adapter = ClassificationAdapter(model, input_shape=(1, 8, 8))
+    batch = _batch()
+    adapter.predict(batch, n_samples=2)
+    assert adapter.mc_rerun == ("dropout", "fc")
+    inject_dropout(model.block2, 0.2)
+    torch.manual_seed(5)
+    sampled = adapter.predict(batch, n_samples=3).probs_UCK
+    assert adapter.mc_rerun is None
+    torch.manual_seed(5)
+    assert torch.equal(sampled, _full_reruns(adapter, batch.inputs, 3))
