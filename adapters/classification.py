@@ -199,6 +199,23 @@ class ClassificationAdapter(Adapter):
             handle.remove()
         return store[-1]
 
+    def predict_and_embed(self, batch: Batch, n_samples: int = 1) -> tuple[Predictions, Tensor]:
+        """One deterministic forward gives both (the classifier's input is the embedding);
+        MC sampling keeps two calls."""
+        if n_samples != 1:
+            return super().predict_and_embed(batch, n_samples)
+        store: list[Tensor] = []
+
+        def pre_hook(_m: nn.Module, args: tuple[Tensor, ...]) -> None:
+            store.append(args[0].detach().flatten(1))
+
+        handle = self._classifier.register_forward_pre_hook(pre_hook, prepend=True)
+        try:
+            predictions = self.predict(batch)
+        finally:
+            handle.remove()
+        return predictions, store[-1]
+
     def per_sample_loss(self, batch: Batch) -> Tensor:
         if batch.targets is None:
             raise ValueError("per_sample_loss needs batch.targets (the class indices [B])")

@@ -40,7 +40,7 @@ ensemble fixed them) every given box is pooled as a proposal through this model'
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -59,6 +59,7 @@ from taskal.adapters._hooks import (
     ensure_dropout,
     eval_mode,
     feature_names,
+    has_dropout,
     mc_dropout,
 )
 from taskal.registry import ADAPTERS, MODELS, build
@@ -141,6 +142,11 @@ class MMDetAdapter(Adapter):
         rerun = det.roi_head.bbox_head if self.two_stage else det.bbox_head
         what = f"{type(model).__name__}'s re-sampled head"
         target = self._model.get_submodule(cls_module)
+        #: a dense head whose only dropout is the one taskal adds on its class layer's input:
+        #: MC samples re-run that layer alone on its cached inputs (None: the whole head)
+        self._cls_layer: nn.Module | None = None
+        if not self.two_stage and not has_dropout(rerun):
+            self._cls_layer = target
         ensure_dropout(rerun, target, dropout_p, what, f"the input of {cls_module}")
 
     # -- contract -------------------------------------------------------------------------
@@ -178,9 +184,12 @@ class MMDetAdapter(Adapter):
                         self._det, feats, samples, units
                     )
                 else:
-                    units, cached, probs = _mmdet_dense.dense(
-                        self._det.bbox_head, feats, samples, units, self.match_iou
-                    )
+                    with _layer_inputs(self._cls_layer) as cls_inputs:
+                        units, cached, probs = _mmdet_dense.dense(
+                            self._det.bbox_head, feats, samples, units, self.match_iou
+                        )
+                    if self._cls_layer is not None:
+                        cached.levels = cls_inputs  # the class layer's input, per level
             if n_samples > 1:
                 with self.stochastic():
                     draws = [self._resample(cached) for _ in range(n_samples)]
@@ -280,6 +289,9 @@ class MMDetAdapter(Adapter):
             assert isinstance(cached, Tensor)
             return _mmdet_two_stage.resample(self._det, cached)
         assert isinstance(cached, DenseCache)
+        if self._cls_layer is not None:
+            head, layer = self._det.bbox_head, self._cls_layer
+            return _mmdet_dense.unit_probs(head, [layer(x) for x in cached.levels], cached)
         return _mmdet_dense.resample(self._det.bbox_head, cached)
 
     def _preprocess(
@@ -341,6 +353,25 @@ class MMDetAdapter(Adapter):
             f"found no module of {type(head).__name__} that outputs its class maps; add "
             "dropout to the head so that MC sampling has something to sample"
         )
+
+
+@contextlib.contextmanager
+def _layer_inputs(layer: nn.Module | None) -> Iterator[list[Tensor]]:
+    """The inputs of every call of ``layer`` during the block, recorded before any injected
+    dropout (nothing for ``None``); the hook is always removed."""
+    store: list[Tensor] = []
+    if layer is None:
+        yield store
+        return
+
+    def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        store.append(args[0])
+
+    handle = layer.register_forward_pre_hook(hook, prepend=True)
+    try:
+        yield store
+    finally:
+        handle.remove()
 
 
 def _build_detector(cfg: Mapping[str, Any]) -> nn.Module:

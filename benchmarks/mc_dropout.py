@@ -29,9 +29,9 @@ re-run part); the reference times ``--full-runs`` full passes (5; ``T`` of them 
 machine does not inflate it. Torch runs on ``--threads`` threads (1 by default: steadier
 timings on a shared machine).
 
-For the mmdet dense head, which re-runs the whole ``bbox_head`` (classification and
-regression branches) per sample, the script also times the module that holds the dropout
-alone (``retina_cls`` on its cached inputs): the share a finer re-run part would have.
+An mmdet dense head without dropout of its own re-runs only its class layer (``retina_cls``)
+on the cached inputs; with dropout of its own it re-runs the whole ``bbox_head``, and then the
+script also times the module that holds the dropout alone: the share a finer part would have.
 
     python benchmarks/mc_dropout.py                      # every adapter, T=20
     python benchmarks/mc_dropout.py --only classification tv_seg --samples 10
@@ -241,6 +241,7 @@ def _mmdet(family: str, args: argparse.Namespace) -> Case:
 
     from taskal.adapters import MMDetAdapter, _mmdet_dense, _mmdet_two_stage
     from taskal.adapters._hooks import active_dropout, eval_mode
+    from taskal.adapters.mmdet_detection import _layer_inputs
     from taskal.registry import MODELS, build
 
     if family == "faster_rcnn":
@@ -262,9 +263,12 @@ def _mmdet(family: str, args: argparse.Namespace) -> Case:
         if adapter.two_stage:
             units, cached, _ = _mmdet_two_stage.two_stage(det, feats, samples, None)
         else:
-            units, cached, _ = _mmdet_dense.dense(
-                det.bbox_head, feats, samples, None, adapter.match_iou
-            )
+            with _layer_inputs(adapter._cls_layer) as cls_inputs:
+                units, cached, _ = _mmdet_dense.dense(
+                    det.bbox_head, feats, samples, None, adapter.match_iou
+                )
+            if adapter._cls_layer is not None:
+                cached.levels = cls_inputs
 
     def part() -> object:
         return adapter._resample(cached)
@@ -273,9 +277,11 @@ def _mmdet(family: str, args: argparse.Namespace) -> Case:
         "roi_head.bbox_head on the kept boxes' cached RoI features"
         if adapter.two_stage
         else "the whole bbox_head on the cached neck levels"
+        if adapter._cls_layer is None
+        else "bbox_head's class layer alone on its cached inputs"
     )
     finest = None
-    if not adapter.two_stage:  # the module holding the dropout, alone on its cached inputs
+    if not adapter.two_stage and adapter._cls_layer is None:  # the dropout's module alone
         (name,) = active_dropout(det)
         module = det.get_submodule(name)
         inputs_of: list[torch.Tensor] = []

@@ -325,11 +325,16 @@ class Selector:
             out = BatchOutputs(list(batch.ids), background=background)
             out.class_quality_C = quality
             chunk: Chunk = {}
-            if needs & {"probs", "item_probs", "item_class"}:
+            predicts = bool(needs & {"probs", "item_probs", "item_class"})
+            if predicts and "embeddings" in needs and hasattr(adapter, "predict_and_embed"):
+                out.predictions, embeddings = adapter.predict_and_embed(batch, n_samples)
+                out.embeddings_BD = embeddings.detach().cpu()
+            elif predicts:
                 out.predictions = adapter.predict(batch, n_samples=n_samples)
-                check_probs(out.predictions.probs_UCK, out.predictions.kind)
-            if needs & {"embeddings"}:
+            elif "embeddings" in needs:
                 out.embeddings_BD = adapter.embed(batch).detach().cpu()
+            if out.predictions is not None:
+                check_probs(out.predictions.probs_UCK, out.predictions.kind)
             if "loss_pred" in needs:
                 out.loss_pred_B = adapter.predict_loss(batch).detach().cpu()
                 chunk["losses"] = out.loss_pred_B

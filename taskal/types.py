@@ -432,6 +432,13 @@ class Adapter(abc.ABC):
     def embed(self, batch: Batch) -> Tensor:
         """Detached pooled embedding ``[B, D]``, one row per item."""
 
+    def predict_and_embed(self, batch: Batch, n_samples: int = 1) -> tuple[Predictions, Tensor]:
+        """:meth:`predict` and :meth:`embed` of one batch (BADGE, hybrids need both).
+
+        By default two calls; an adapter that gets both from one forward overrides it.
+        """
+        return self.predict(batch, n_samples=n_samples), self.embed(batch)
+
     @abc.abstractmethod
     def per_sample_loss(self, batch: Batch) -> Tensor:
         """Unreduced task loss ``[B]``; needs labels in the batch."""

@@ -471,3 +471,19 @@ def test_mc_part_found_again_when_dropout_changes() -> None:
     assert adapter.mc_rerun is None
     torch.manual_seed(5)
     assert torch.equal(sampled, _full_reruns(adapter, batch.inputs, 3))
+
+
+def test_predict_and_embed_is_one_forward() -> None:
+    torch.manual_seed(0)
+    adapter = ClassificationAdapter(SmallCNN(1, 3, width=4), input_shape=(1, 8, 8))
+    batch = _batch()
+    calls: list[int] = []
+    adapter.model.register_forward_hook(lambda *_: calls.append(1))
+    predictions, embeddings = adapter.predict_and_embed(batch)
+    assert len(calls) == 1
+    assert torch.equal(predictions.probs_UCK, adapter.predict(batch).probs_UCK)
+    assert torch.equal(embeddings, adapter.embed(batch))
+    calls.clear()
+    torch.manual_seed(1)
+    sampled, _ = adapter.predict_and_embed(batch, n_samples=3)
+    assert sampled.probs_UCK.shape[-1] == 3

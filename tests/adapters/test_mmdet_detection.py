@@ -427,3 +427,32 @@ def test_dense_members_with_other_weights_score_their_own_overlapping_anchor() -
         best = box_iou(given, boxes[units.owner_U[u]])[0].max()
         got = box_iou(given, chosen[u : u + 1])[0, 0]
         assert torch.isclose(got, best) and bool(found[u]) == bool(got >= 0.5)
+
+
+@pytest.mark.parametrize("family", ["retinanet", "fcos"])
+def test_dense_mc_samples_rerun_the_class_layer_alone(family: str) -> None:
+    """Without dropout of its own, a dense head's MC samples re-run only its class layer on
+    the cached inputs: the very samples (and RNG use) of re-running the whole head."""
+    adapter, batch = _adapter(family), _batch()
+    assert adapter._cls_layer is not None
+    calls = []
+    adapter._det.bbox_head.register_forward_hook(lambda *_: calls.append(1))
+    torch.manual_seed(3)
+    cached = adapter.predict(batch, n_samples=4)
+    after_cached = torch.rand(1)
+    assert len(calls) == 1  # the deterministic pass only
+    adapter._cls_layer = None  # the reference: the whole head per sample
+    torch.manual_seed(3)
+    whole = adapter.predict(batch, n_samples=4)
+    assert torch.equal(torch.rand(1), after_cached)
+    assert len(calls) == 1 + 1 + 4
+    assert same_units(cached.units(), whole.units())
+    assert torch.equal(cached.probs_UCK, whole.probs_UCK)
+    assert not torch.equal(cached.probs_UCK[..., 0], cached.probs_UCK[..., 1])
+
+
+def test_a_dense_head_with_dropout_of_its_own_is_rerun_whole() -> None:
+    model = _model("retinanet")
+    head = model.bbox_head
+    head.cls_convs[0] = nn.Sequential(head.cls_convs[0], nn.Dropout2d(0.2))
+    assert MMDetAdapter(model)._cls_layer is None
