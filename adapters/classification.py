@@ -202,7 +202,7 @@ class ClassificationAdapter(Adapter):
     def predict_and_embed(self, batch: Batch, n_samples: int = 1) -> tuple[Predictions, Tensor]:
         """One deterministic forward gives both (the classifier's input is the embedding);
         MC sampling keeps two calls."""
-        if n_samples != 1:
+        if n_samples != 1 or type(self).embed is not ClassificationAdapter.embed:
             return super().predict_and_embed(batch, n_samples)
         store: list[Tensor] = []
 

@@ -19,15 +19,15 @@ The single-pass strategies are the registered ones whose scoring needs one deter
 pass per batch; the script walks :data:`taskal.registry.QUERY_STRATEGIES` and says why it
 leaves each of the others out (MC dropout and ensembles sample several passes, LLAL needs a
 trained loss predictor, region-only strategies rank regions, composites need their parts).
-``coreset`` streams the adapter's ``embed`` (one pass); ``badge`` and ``two_stage``
-(entropy, then core-set) stream ``predict`` and ``embed`` (two passes), so their plain
-reference would be twice the inference; ``difficulty_calibrated`` runs with a uniform
-``adapter.class_quality`` of 0.5 (it is measured after training in real use). Throughput is
-the best of ``--repeats`` runs, each alternating with a plain run, and its ratio is to the
-best of those alternating plain runs (same number of tries, same moments), so that load
-from other processes hits both alike; the plain figure printed first is the best of all;
-torch runs on ``--threads`` threads (1 by default: steadier
-timings on a shared machine).
+``coreset`` streams the adapter's ``embed``; ``badge`` and ``two_stage`` (entropy, then
+core-set) stream ``predict_and_embed``: one forward for a classifier, ``predict`` then
+``embed`` (two passes) where the adapter does not override it; ``difficulty_calibrated``
+runs with a uniform ``adapter.class_quality`` of 0.5 (it is measured after training in real
+use). Throughput is the best of ``--repeats`` runs, each alternating with a plain run, and
+its ratio is to the best of those alternating plain runs (same number of tries, same
+moments), so that load from other processes hits both alike; the plain figure printed first
+is the best of all; torch runs on ``--threads`` threads (1 by default: steadier timings on a
+shared machine).
 
     python benchmarks/throughput.py                   # cls, seg and det
     python benchmarks/throughput.py --tasks cls --pool 128 --batch-size 32
@@ -129,8 +129,10 @@ def single_pass_strategies() -> tuple[dict[str, QueryStrategy], dict[str, str]]:
 
 def _calls(strategy: QueryStrategy) -> list[str]:
     needs = strategy.needs
-    out = ["predict"] if needs & {"probs", "item_probs", "item_class"} else []
-    return out + (["embed"] if "embeddings" in needs else [])
+    predicts = bool(needs & {"probs", "item_probs", "item_class"})
+    if predicts and "embeddings" in needs:
+        return ["predict_and_embed"]  # one forward where the adapter overrides it
+    return ["predict"] if predicts else ["embed"]
 
 
 def _best(fn: Callable[[], object], repeats: int) -> float:
@@ -203,7 +205,7 @@ def run_task(task: str, args: argparse.Namespace, strategies: dict[str, QueryStr
         print(
             f"  {name:<22} {rate:8.2f} images/s   {rate / pair:6.3f} x plain predict "
             f"({pair:.2f} images/s in the runs alternating with it)   "
-            f"({len(calls)} pass{'es' if len(calls) > 1 else ''}: {' + '.join(calls)})",
+            f"({' + '.join(calls)})",
             flush=True,
         )
 

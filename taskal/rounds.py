@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from taskal import distributed
 from taskal.queries import LabelState, Query
 from taskal.seeds import mix_seed
 from taskal.selector import Selector
@@ -43,7 +44,11 @@ def select_round(
 ) -> Selection:
     """Round ``r``'s queries: ``budget`` items (or annotation cost of regions) of ``pool``
     not in ``labeled``, with ties and random draws from a generator seeded by ``(seed, r)``."""
-    selector = Selector(strategy, batch_size, progress, query, **dict(options or {}))
+    # under torchrun (the tools join the group) every rank scores its share of the pool
+    shared = query == "item" and distributed.world()[1] > 1
+    selector = Selector(
+        strategy, batch_size, progress, query, distributed=shared, **dict(options or {})
+    )
     g = torch.Generator().manual_seed(mix_seed(seed, r, 1))
     queries = selector.select(adapter, pool, labeled, budget, g)
     return Selection(queries, selector.last_scores)

@@ -148,8 +148,13 @@ class Selector:
             when a run is repeated after an interruption, load the batches found there
             instead of scoring them again (the same candidates, strategy, batch size, seed
             and model; anything else clears the folder first). ``None``: keep it in memory.
-        cache_key: what identifies the model for ``cache_dir`` (a checkpoint's digest, say);
-            ``None``: a digest of the adapter's weights.
+        cache_key: what else the cached results depend on (a config's digest, a test
+            transform); the fingerprint already holds the candidates, the batch size, the
+            seed, the strategy's settings, the adapter's weights and its plain settings.
+        distributed: item queries: split the scoring over the ranks of the initialised
+            ``torch.distributed`` process group (every rank must call :meth:`select` with
+            the same arguments; each scores every ``W``-th batch, all get the same
+            queries). ``False`` (default): this process scores everything, group or not.
     """
 
     def __init__(
@@ -163,6 +168,7 @@ class Selector:
         max_class_share: float | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         cache_key: str | None = None,
+        distributed: bool = False,
     ) -> None:
         self.strategy = build_strategy(strategy)
         self.keep_meta = META_KEYS | frozenset(keep_meta)
@@ -204,8 +210,14 @@ class Selector:
                 "cache_dir caches per-item results of item queries; region queries keep only "
                 "the best regions while streaming: leave cache_dir unset"
             )
+        if distributed and query == "region":
+            raise ValueError(
+                "region queries are scored by one process (the best regions are kept while "
+                "streaming); leave distributed=False"
+            )
         self.cache_dir = cache_dir
         self.cache_key = cache_key
+        self.distributed = distributed
         #: the last :meth:`select`'s scores: per candidate item (item queries; ``None`` for
         #: strategies that score no items, e.g. core-set), or of the best regions kept
         #: while streaming (region queries)
@@ -305,19 +317,13 @@ class Selector:
                 f"{type(strategy).__name__} scores a deep ensemble: pass an EnsembleAdapter "
                 "(taskal.adapters.EnsembleAdapter) of trained members"
             )
-        if regions is not None and distributed.world()[1] > 1:
-            raise ValueError(
-                "region queries are scored by one process (the best regions are kept while "
-                "streaming); run without torchrun, or use item queries"
-            )
         n_samples = strategy.n_samples if strategy.sampling != "deterministic" else 1
         background = getattr(adapter, "background", None)
         quality = _class_quality(adapter, strategy) if "class_quality" in needs else None
         cache = None
         if self.cache_dir is not None:
-            cache = ChunkCache(
-                self.cache_dir, self._fingerprint(adapter, candidates, labeled, seed)
-            )
+            fingerprint = self._fingerprint(adapter, candidates, labeled, seed)
+            cache = ChunkCache(self.cache_dir, fingerprint, shared=self.distributed)
             cache.open()
 
         def score(batch: Batch, start: int) -> Chunk:
@@ -381,8 +387,16 @@ class Selector:
     ) -> None:
         """Run ``step(batch, start)`` over this rank's batches of ``ids`` (those not cached
         yet) into ``acc``, then gather the other ranks' batches into it."""
-        rank, size = distributed.world()
+        rank, size = distributed.world() if self.distributed else (0, 1)
         spans = batch_spans(len(ids), self.batch_size)
+        if size > 1:  # every rank must cut the same ids into the same batches
+            mine_key = (name, len(ids), self.batch_size, seed, ids_digest(ids))
+            if any(k != mine_key for k in distributed.all_gather(mine_key)):
+                raise ValueError(
+                    f"the ranks disagree on what to score ({name} pass): every rank must call "
+                    "select() with the same pool, labeled items, budget, batch size and "
+                    "generator"
+                )
         mine = shard(len(spans), rank, size)
         kept: dict[int, Chunk] = {}
         todo = []
@@ -408,9 +422,9 @@ class Selector:
                 batch = next(batches, None)
                 if batch is None:
                     raise ValueError(
-                        f"the item source yielded {start} items for {len(ids)} requested ids; "
-                        "its batches(ids, batch_size) must yield the requested ids in the "
-                        "requested order"
+                        f"the item source stopped before the batch starting at position {start} "
+                        f"of the {len(ids)} requested ids; its batches(ids, batch_size) must "
+                        "yield the requested ids in the requested order, batch_size at a time"
                     )
                 if list(batch.ids) != list(ids[start:stop]):
                     raise ValueError(
@@ -452,8 +466,10 @@ class Selector:
             "seed": seed,
             "strategy": _describe(self.strategy),
             "keep_meta": sorted(self.keep_meta),
-            "adapter": type(adapter).__name__,
-            "model": self.cache_key if self.cache_key is not None else weights_digest(adapter),
+            "adapter": type(adapter).__qualname__,
+            "adapter_settings": _plain_settings(adapter),
+            "model": weights_digest(adapter),
+            "key": self.cache_key,
         }
 
     def _push_regions(
@@ -505,13 +521,22 @@ class Selector:
         return [int(i) for i in pos]
 
 
-def _describe(strategy: QueryStrategy) -> str:
-    """A strategy's class and settings, as text (its repr, else its attributes)."""
-    text = repr(strategy)
-    if " at 0x" not in text:
-        return text
-    fields = {k: repr(v) for k, v in sorted(vars(strategy).items()) if not k.startswith("_")}
-    return f"{type(strategy).__qualname__}({fields})"
+def _describe(obj: object) -> str:
+    """An object's class and settings as text: its attributes, recursively for strategies
+    inside strategies (``repr`` alone may leave settings out)."""
+    fields = {
+        k: _describe(v) if isinstance(v, QueryStrategy) else repr(v)
+        for k, v in sorted(vars(obj).items())
+    }
+    return f"{type(obj).__module__}.{type(obj).__qualname__}({fields})"
+
+
+def _plain_settings(adapter: Adapter) -> dict[str, str]:
+    """An adapter's public attributes that are plain values (dropout ``p``, input shape,
+    IoUs...); private ones may be caches that change from call to call."""
+    plain = (bool, int, float, str, tuple, type(None))
+    items = sorted(vars(adapter).items())
+    return {k: repr(v) for k, v in items if not k.startswith("_") and isinstance(v, plain)}
 
 
 def weights_digest(adapter: Adapter) -> str:

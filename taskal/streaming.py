@@ -61,16 +61,23 @@ class ChunkCache:
         fingerprint: everything the results depend on (candidates, batch size, seed,
             strategy, model); :meth:`open` clears chunks recorded under another one.
 
-    Several ranks may share the folder: rank 0 checks the manifest, the others wait for it.
+    With ``shared=True`` the ranks of a process group share the folder (one machine, or a
+    file system every node sees): rank 0 checks the manifest, the others wait for it.
     """
 
-    def __init__(self, root: str | os.PathLike[str], fingerprint: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        fingerprint: Mapping[str, Any],
+        shared: bool = False,
+    ) -> None:
         self.root = Path(root)
         self.fingerprint = json.loads(json.dumps(dict(fingerprint), sort_keys=True, default=str))
+        self.shared = shared
 
     def open(self) -> None:
         """Make the folder hold this fingerprint's chunks only (rank 0), then sync ranks."""
-        if distributed.is_main():
+        if not self.shared or distributed.is_main():
             self.root.mkdir(parents=True, exist_ok=True)
             manifest = self.root / MANIFEST
             found = None
@@ -88,12 +95,13 @@ class ChunkCache:
                         UserWarning,
                         stacklevel=3,
                     )
-                for p in stale:
+                for p in [*stale, *self.root.glob("*/.*.tmp")]:
                     p.unlink()
                 tmp = manifest.with_suffix(".tmp")
                 tmp.write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True))
                 os.replace(tmp, manifest)
-        distributed.barrier()
+        if self.shared:
+            distributed.barrier()
 
     def _path(self, name: str, b: int) -> Path:
         return self.root / name / f"{b:07d}.pt"

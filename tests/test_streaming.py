@@ -108,3 +108,20 @@ def test_batches_and_shards() -> None:
     assert [shard(5, r, 2) for r in (0, 1)] == [[0, 2, 4], [1, 3]]
     cache = ChunkCache(Path("unused"), {"a": 1})
     assert cache.fingerprint == {"a": 1}
+
+
+def test_the_fingerprint_holds_every_strategy_and_adapter_setting() -> None:
+    pool = _pool()
+    adapter = _adapter()
+
+    def fingerprint(spec: object, key: str | None = None) -> dict[str, object]:
+        selector = Selector(spec, 4, False, cache_dir="unused", cache_key=key)  # type: ignore[arg-type]
+        return selector._fingerprint(adapter, pool.ids[6:], pool.ids[:6], 0)
+
+    base = {"type": "entropy", "reduction": "topk_mean", "top_k": 3}
+    assert fingerprint(base) == fingerprint(dict(base))
+    assert fingerprint(base) != fingerprint({**base, "top_k": 10})
+    assert fingerprint(base) != fingerprint(base, key="another config")
+    before = fingerprint(base)
+    adapter.dropout_p = 0.05
+    assert fingerprint(base) != before

@@ -14,10 +14,11 @@ writes every round's queries as COCO json into ``queries/``; segmentation with
 
     torchrun --standalone --nproc-per-node 2 tools/simulate.py --strategies entropy bald
 
-Under torchrun every rank runs the simulation (the same seeds give the same models) and
-scores its share of each pool pass; rank 0 writes the results, which equal a single
-process's. Classification and torchvision detection only: segmentation ranks regions in one
-process, and mmengine would split an mmdet model's training data across the ranks.
+Under torchrun every rank runs the simulation and scores its share of each pool pass; rank
+0 writes the results. With deterministic training (the CPU) the ranks' models agree and the
+results equal a single process's. Classification and torchvision detection with image
+queries only: region queries are scored in one process, and mmengine would split an mmdet
+model's training data across the ranks.
 """
 
 from __future__ import annotations
@@ -323,6 +324,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     import_custom_modules(cfg)
     main_rank = join_ranks(cfg)
     sim, pool, test, metric = build_simulation(cfg, progress=main_rank and not args.no_progress)
+    if distributed.launched() and "region" in getattr(sim, "query_kinds", {}).values():
+        raise SystemExit(
+            "simulate.py under torchrun: region queries are scored by one process; drop the "
+            "box strategies or run without torchrun"
+        )
     if not main_rank:  # torchrun: this rank trains its replica and scores its share
         sim.run()
         distributed.close()

@@ -18,6 +18,7 @@ the same queries.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -204,6 +205,10 @@ def _check(
     strategy: QueryStrategy,
 ) -> Any:
     """Refuse what would fail later; returns the adapter of a given checkpoint, if any."""
+    if distributed.launched() and settings.query == "region":
+        raise CampaignError(
+            "region queries are scored by one process; run without torchrun, or set al.query='item'"
+        )
     busy = plan.interrupted
     if busy is not None and not plan.starts and not options.resume:
         raise CampaignError(
@@ -228,10 +233,6 @@ def _check(
                 "--checkpoint, or --restart with the new one"
             )
         return None
-    if distributed.launched() and settings.query == "region":
-        raise CampaignError(
-            "region queries are scored by one process; run without torchrun, or set al.query='item'"
-        )
     if not options.train and options.checkpoint is None:
         raise CampaignError("give --checkpoint CKPT to score with a trained model, or --train")
     if options.checkpoint is not None and not options.checkpoint.is_file():
@@ -286,6 +287,8 @@ def _record_start(
     args = (name, settings.seed, settings.budget, settings.query, config_text)
     busy = plan.interrupted
     if busy is not None:
+        old_scores = work_dir / "rounds" / f"round_{busy.round:03d}" / "scores"
+        shutil.rmtree(old_scores, ignore_errors=True)  # another attempt's batches
         campaign.restart_round(busy.round, *args, new_items=plan.new_files)
     else:
         campaign.start_round(campaign.next_round(), *args, new_items=plan.new_files)
@@ -338,6 +341,7 @@ def _finish(
         selectable=[k for k in files if k not in set(stop_ids)],
         taken=_taken(campaign, settings.query),
         scores_dir=str(round_dir / "scores"),
+        config_digest=hashlib.sha256(config_text.encode()).hexdigest(),
     )
     _say(options, f"round {r}: scoring the pool ({strategy_name(settings.strategy)})")
     with _shared_scoring(job):
@@ -387,6 +391,7 @@ class _ScoringJob:
     selectable: list[str]  # the keys selection may pick from (the stop set left out)
     taken: list[ItemId] | LabelState  # what selection skips
     scores_dir: str  # per-batch results, kept for a resumed round
+    config_digest: str  # the round's config
 
 
 def _checkpoint_of(campaign: Campaign, r: int, options: RoundOptions) -> str:
@@ -406,8 +411,9 @@ def _select(
     options: dict[str, Any] = {}
     if settings.query == "region":
         options.update(settings.region_caps)
-    else:
-        options["cache_dir"] = job.scores_dir
+    else:  # the config and the checkpoint, beyond what the selector fingerprints itself
+        key = hashlib.sha256(f"{job.config_digest}\0{job.checkpoint}".encode()).hexdigest()
+        options.update(cache_dir=job.scores_dir, cache_key=key)
     return select_round(
         adapter,
         strategy,

@@ -63,7 +63,7 @@ def main() -> None:
     for name in args.strategies or specs:
         spec = specs[name]
         cache = None if args.cache_dir is None else args.cache_dir / name
-        selector = Selector(spec, batch_size=4, progress=False, cache_dir=cache)
+        selector = Selector(spec, batch_size=4, progress=False, cache_dir=cache, distributed=True)
         queries = selector.select(adapter, pool, labeled, 7, torch.Generator().manual_seed(2))
         scores = selector.last_scores
         result[name] = {
