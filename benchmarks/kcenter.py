@@ -35,39 +35,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from typing import Any
 
 import torch
-
-
-def _status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            line = next(line for line in f if line.startswith(field + ":"))
-        return int(line.split()[1]) / 1024  # kB
-    except (OSError, StopIteration):
-        return None
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak RSS (VmHWM) to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_mb() -> float:
-    hwm = _status_mb("VmHWM")
-    if hwm is not None:
-        return hwm
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+from _common import cpu_model, peak_mb, reset_peak, status_mb
 
 
 def make_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -121,8 +95,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.synchronize(dev)
         gpu_base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    _reset_peak()  # so the data generation's temporaries do not count as the variant's
-    base = _status_mb("VmRSS") or _peak_mb()
+    reset_peak()  # so the data generation's temporaries do not count as the variant's
+    base = status_mb("VmRSS") or peak_mb()
     info: dict[str, Any] = {}
     start = time.perf_counter()
     if args.variant == "pruned":
@@ -159,7 +133,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     if cuda:
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - start
-    peak = _peak_mb()
+    peak = peak_mb()
     out = {"seconds": seconds, "peak_mb": peak, "growth_mb": peak - base, "data_mb": base}
     if cuda:  # the memory that matters is the GPU's: peak beyond the features
         gpu_peak = torch.cuda.max_memory_allocated(dev) / 2**20
@@ -169,14 +143,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def machine() -> str:
-    model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
     return (
-        f"CPU {model}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{cpu_model()}, torch {torch.__version__}, "
         f"threads {os.environ.get('OMP_NUM_THREADS', 'default')}, "
         f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'PASSIVE (set by script)')}, "
         f"python {platform.python_version()}"

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import best_of, cpu_model
 from torch.nn import functional as F
 
 from taskal.types import Adapter, Batch
@@ -318,24 +319,9 @@ CASES: dict[str, Callable[[argparse.Namespace], Case]] = {
 }
 
 
-def _best(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def machine() -> str:
-    model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
     return (
-        f"CPU {model}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{cpu_model()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch threads (OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS', 'unset')}), python {platform.python_version()}"
     )
@@ -345,11 +331,11 @@ def run_case(case: Case, t: int, repeats: int, full_runs: int) -> dict[str, floa
     adapter, batch = case.adapter, case.batch
     adapter.predict(batch)  # warm-up (allocator, first-call set-up)
     adapter.predict(batch, n_samples=2)
-    one = _best(lambda: adapter.predict(batch), max(repeats, 5))
-    cached = _best(lambda: adapter.predict(batch, n_samples=t), repeats)
+    one = best_of(lambda: adapter.predict(batch), max(repeats, 5))
+    cached = best_of(lambda: adapter.predict(batch, n_samples=t), repeats)
     with torch.no_grad(), adapter.stochastic():  # entered once, as predict does
-        part = _best(case.rerun, max(repeats, 5))
-        finest = _best(case.finest[1], max(repeats, 5)) if case.finest is not None else None
+        part = best_of(case.rerun, max(repeats, 5))
+        finest = best_of(case.finest[1], max(repeats, 5)) if case.finest is not None else None
     each = []  # full passes, each timed: T x their median resists a busy machine
     for _ in range(min(t, full_runs)):
         start = time.perf_counter()

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from _common import best_of, cpu_model
 
 from taskal.data import TensorPool
 from taskal.registry import QUERY_STRATEGIES
@@ -135,24 +136,9 @@ def _calls(strategy: QueryStrategy) -> list[str]:
     return ["predict"] if predicts else ["embed"]
 
 
-def _best(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def machine() -> str:
-    model = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
     return (
-        f"CPU {model}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{cpu_model()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch threads (OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS', 'unset')}), python {platform.python_version()}"
     )
@@ -173,15 +159,15 @@ def run_task(task: str, args: argparse.Namespace, strategies: dict[str, QueryStr
                 forward(batch)
 
     plain()  # warm-up
-    plain_times = [_best(plain, args.repeats)]
-    raw = n / _best(model_forward, args.repeats)
+    plain_times = [best_of(plain, args.repeats)]
+    raw = n / best_of(model_forward, args.repeats)
     results: list[tuple[str, QueryStrategy, float | None, float | None, str]] = []
     for name, strategy in strategies.items():
         selector = Selector(strategy, batch_size=args.batch_size, progress=False)
         times, paired = [], []
         try:
             for _ in range(args.repeats):  # plain and strategy alternate: drift hits both
-                paired.append(_best(plain, 1))
+                paired.append(best_of(plain, 1))
                 start = time.perf_counter()
                 selector.stream(adapter, pool, ids)
                 times.append(time.perf_counter() - start)
