@@ -170,6 +170,19 @@ class MMDetAdapter(Adapter):
         return None if self.prob_kind == "sigmoid" else self._classes - 1
 
     def predict(self, batch: Batch, n_samples: int = 1, units: Units | None = None) -> Predictions:
+        return self._predict(batch, n_samples, units)[0]
+
+    def predict_and_embed(self, batch: Batch, n_samples: int = 1) -> tuple[Predictions, Tensor]:
+        """One backbone and neck pass gives both (:meth:`embed` pools the levels)."""
+        if type(self).embed is not MMDetAdapter.embed:
+            return super().predict_and_embed(batch, n_samples)
+        predictions, feats = self._predict(batch, n_samples, None)
+        return predictions, _pooled(feats)
+
+    def _predict(
+        self, batch: Batch, n_samples: int, units: Units | None
+    ) -> tuple[Predictions, tuple[Tensor, ...]]:
+        """:meth:`predict`, and the levels of ``extract_feat`` it ran on."""
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         if units is not None:
@@ -196,7 +209,7 @@ class MMDetAdapter(Adapter):
                 probs = torch.stack(draws, -1)
             else:
                 probs = probs.unsqueeze(-1)
-        return Predictions(
+        predictions = Predictions(
             probs.float(),
             units.owner_U,
             self.prob_kind,
@@ -205,6 +218,7 @@ class MMDetAdapter(Adapter):
             region_U=rank_within_owner(units.owner_U),
             cost_U=torch.ones(len(units), device=self._device),
         )
+        return predictions, as_levels(feats)
 
     def features(self, batch: Batch, names: Sequence[str] | None = None) -> dict[str, FeatureMap]:
         names = feature_names(self._feature_info, names)
@@ -226,10 +240,7 @@ class MMDetAdapter(Adapter):
         with torch.no_grad(), eval_mode(self._model):
             inputs, _ = self._preprocess(batch)
             feats = as_levels(self._det.extract_feat(inputs))
-        pooled = [x.mean((2, 3)) for x in feats]
-        if len({p.shape[1] for p in pooled}) > 1:
-            return pooled[-1].detach()
-        return torch.stack(pooled).mean(0).detach()
+        return _pooled(feats)
 
     def per_sample_loss(self, batch: Batch) -> Tensor:
         """The sum of the model's training losses (``model.loss`` through
@@ -353,6 +364,15 @@ class MMDetAdapter(Adapter):
             f"found no module of {type(head).__name__} that outputs its class maps; add "
             "dropout to the head so that MC sampling has something to sample"
         )
+
+
+def _pooled(feats: tuple[Tensor, ...]) -> Tensor:
+    """``[B, D]``: the mean over the levels of their global average pools; levels of
+    different widths (no neck): the deepest one's pool."""
+    pooled = [x.mean((2, 3)) for x in feats]
+    if len({p.shape[1] for p in pooled}) > 1:
+        return pooled[-1].detach()
+    return torch.stack(pooled).mean(0).detach()
 
 
 @contextlib.contextmanager

@@ -186,6 +186,19 @@ class TorchvisionDetectionAdapter(Adapter):
         return list(self._feature_info)
 
     def predict(self, batch: Batch, n_samples: int = 1, units: Units | None = None) -> Predictions:
+        return self._predict(batch, n_samples, units)[0]
+
+    def predict_and_embed(self, batch: Batch, n_samples: int = 1) -> tuple[Predictions, Tensor]:
+        """One backbone pass gives both (:meth:`embed` pools the backbone's levels)."""
+        if type(self).embed is not TorchvisionDetectionAdapter.embed:
+            return super().predict_and_embed(batch, n_samples)
+        predictions, feats = self._predict(batch, n_samples, None)
+        return predictions, _pooled(feats)
+
+    def _predict(
+        self, batch: Batch, n_samples: int, units: Units | None
+    ) -> tuple[Predictions, OrderedDict[str, Tensor]]:
+        """:meth:`predict`, and the backbone's levels it ran on."""
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         images, original = self._images(batch)
@@ -205,7 +218,7 @@ class TorchvisionDetectionAdapter(Adapter):
                 probs = torch.stack(samples, -1)
             else:
                 probs = probs.unsqueeze(-1)
-        return Predictions(
+        predictions = Predictions(
             probs.float(),
             units.owner_U,
             self.prob_kind,
@@ -214,6 +227,7 @@ class TorchvisionDetectionAdapter(Adapter):
             region_U=rank_within_owner(units.owner_U),
             cost_U=torch.ones(len(units), device=self._device),
         )
+        return predictions, feats
 
     def features(self, batch: Batch, names: Sequence[str] | None = None) -> dict[str, FeatureMap]:
         names = feature_names(self._feature_info, names)
@@ -234,7 +248,7 @@ class TorchvisionDetectionAdapter(Adapter):
         images, _ = self._images(batch)
         with torch.no_grad(), eval_mode(self._model):
             _, feats = self._forward_backbone(images)
-        return torch.stack([x.mean((2, 3)) for x in feats.values()]).mean(0).detach()
+        return _pooled(feats)
 
     def per_sample_loss(self, batch: Batch) -> Tensor:
         """The sum of the model's training losses, one image at a time.
@@ -611,6 +625,11 @@ def _targets(batch: Batch, device: torch.device, first_label: int = 0) -> list[d
         }
         for s in samples
     ]
+
+
+def _pooled(feats: OrderedDict[str, Tensor]) -> Tensor:
+    """``[B, D]``: the mean over the backbone's levels of their global average pools."""
+    return torch.stack([x.mean((2, 3)) for x in feats.values()]).mean(0).detach()
 
 
 __all__ = ["TorchvisionDetectionAdapter", "torchvision_detector"]

@@ -213,8 +213,22 @@ class TorchvisionSegmentationAdapter(Adapter):
         x, sizes = self.preprocess(batch.inputs)
         with torch.no_grad(), eval_mode(self._model), self.capture_features([info.name]) as s:
             self._model(x)
-        fmap = as_levels(s[info.name])[-1]
-        stride = info.strides[-1]
+        return self._pooled(as_levels(s[info.name])[-1], sizes)
+
+    def predict_and_embed(self, batch: Batch, n_samples: int = 1) -> tuple[Predictions, Tensor]:
+        """One forward gives both when it is deterministic (:meth:`embed` reads a layer of
+        that forward); MC sampling keeps two calls."""
+        if n_samples != 1 or type(self).embed is not TorchvisionSegmentationAdapter.embed:
+            return super().predict_and_embed(batch, n_samples)
+        info = self._feature_info[-1]
+        with self.capture_features([info.name]) as s:
+            predictions = self.predict(batch)
+        sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in batch.inputs]
+        return predictions, self._pooled(as_levels(s[info.name])[-1], sizes)
+
+    def _pooled(self, fmap: Tensor, sizes: Sequence[tuple[int, int]]) -> Tensor:
+        """``[B, D]``: ``fmap`` (the deepest feature layer) averaged over each image's area."""
+        stride = self._feature_info[-1].strides[-1]
         return torch.stack(
             [
                 fmap[i, :, : -(-h // stride), : -(-w // stride)].mean((1, 2))

@@ -253,6 +253,14 @@ class AdapterConformance:
         loss = adapter.per_sample_loss(batch)
         assert loss.shape == (len(batch),) and torch.isfinite(loss).all()
 
+    def test_predict_and_embed_equal_predict_then_embed(self) -> None:
+        adapter, batch = self.make_adapter(), self.make_batch()
+        predictions, emb = adapter.predict_and_embed(batch)
+        alone = adapter.predict(batch)
+        assert torch.equal(predictions.probs_UCK, alone.probs_UCK)
+        assert torch.equal(predictions.owner_U, alone.owner_U)
+        assert torch.equal(emb, adapter.embed(batch)) and not emb.requires_grad
+
     def test_loss_needs_labels(self) -> None:
         adapter, batch = self.make_adapter(), self.make_batch()
         with pytest.raises(ValueError):
