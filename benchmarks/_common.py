@@ -6,11 +6,14 @@ Imported by the scripts in this folder (``python benchmarks/<script>.py`` puts t
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 
 def cpu_model() -> str:
@@ -22,6 +25,25 @@ def cpu_model() -> str:
     except (OSError, StopIteration):
         pass
     return f"CPU {model}, {os.cpu_count()} cores"
+
+
+def machine() -> str:
+    """The CPU, torch and its threads, the OpenMP settings and python, on one line."""
+    import torch
+
+    return (
+        f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} torch threads "
+        f"(OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}, OMP_WAIT_POLICY "
+        f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}), python {platform.python_version()}"
+    )
+
+
+def run_json(cmd: Sequence[str], env: Mapping[str, str]) -> dict[str, Any]:
+    """Run ``cmd`` (a variant in its own process, for its own peak RSS) and parse the JSON
+    object on the last line of its output."""
+    out = subprocess.run(list(cmd), check=True, capture_output=True, text=True, env=dict(env))
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 def status_mb(field: str) -> float | None:

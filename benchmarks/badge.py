@@ -38,14 +38,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from typing import Any
 
 import torch
-from _common import cpu_model, peak_mb, reset_peak, status_mb
+from _common import machine, peak_mb, reset_peak, run_json, status_mb
 
 
 def make_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,23 +120,13 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def machine() -> str:
-    return (
-        f"{cpu_model()}, torch {torch.__version__}, "
-        f"threads {os.environ.get('OMP_NUM_THREADS', 'default')}, "
-        f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'PASSIVE (set by script)')}, "
-        f"python {platform.python_version()}"
-    )
-
-
 def _run(args: argparse.Namespace, variant: str, n: int, picks: int) -> dict[str, Any]:
     env = {**os.environ}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cmd = [sys.executable, __file__, "--variant", variant, "--n", str(n), "--picks", str(picks)]
     for name in ("classes", "d", "clusters", "spread", "gain", "seed"):
         cmd += [f"--{name}", str(getattr(args, name))]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    r: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    r = run_json(cmd, env)
     print(
         f"{variant:<9} N={n:<7} {r['seconds']:>8.2f} s  {picks / r['seconds']:>7.1f} picks/s  "
         f"peak RSS {r['peak_mb']:>7.0f} MB  growth {r['growth_mb']:>7.1f} MB "
@@ -200,7 +188,8 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
-    print(machine())
+    policy = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    print(f"{machine()}; variants run with OMP_WAIT_POLICY={policy}")
     print(
         f"N={args.n} C={args.classes} D={args.d} picks={args.picks} clusters={args.clusters} "
         f"spread={args.spread} gain={args.gain} seed={args.seed} float64"

@@ -34,14 +34,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from typing import Any
 
 import torch
-from _common import cpu_model, peak_mb, reset_peak, status_mb
+from _common import machine, peak_mb, reset_peak, run_json, status_mb
 
 
 def make_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -142,15 +140,6 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     return {**out, "picks": picks, **info}
 
 
-def machine() -> str:
-    return (
-        f"{cpu_model()}, torch {torch.__version__}, "
-        f"threads {os.environ.get('OMP_NUM_THREADS', 'default')}, "
-        f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'PASSIVE (set by script)')}, "
-        f"python {platform.python_version()}"
-    )
-
-
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -180,7 +169,7 @@ def main() -> None:
     variants = ["pruned", "plain", "cdist"] if args.reference else ["pruned"]
     env = {**os.environ}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    print(machine())
+    print(f"{machine()}; variants run with OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}")
     print(
         f"N={args.n} D={args.d} picks={args.picks} labeled={args.labeled} "
         f"clusters={args.clusters} spread={args.spread} dtype={args.dtype} seed={args.seed} "
@@ -196,8 +185,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--variant", variant]
         for name in ("n", "d", "picks", "labeled", "clusters", "spread", "dtype", "seed", "device"):
             cmd += [f"--{name}", str(getattr(args, name))]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-        results[variant] = json.loads(out.strip().splitlines()[-1])
+        results[variant] = run_json(cmd, env)
         r = results[variant]
         print(
             f"{variant:<8} {r['seconds']:>9.2f} s   peak {mem} {r['peak_mb']:>8.0f} MB   "

@@ -42,8 +42,6 @@ script also times the module that holds the dropout alone: the share a finer par
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -54,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import best_of, cpu_model
+from _common import best_of, machine
 from torch.nn import functional as F
 
 from taskal.types import Adapter, Batch
@@ -317,14 +315,6 @@ CASES: dict[str, Callable[[argparse.Namespace], Case]] = {
     "mmdet_faster_rcnn": lambda a: _mmdet("faster_rcnn", a),
     "mmdet_retinanet": lambda a: _mmdet("retinanet", a),
 }
-
-
-def machine() -> str:
-    return (
-        f"{cpu_model()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads (OMP_NUM_THREADS="
-        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}), python {platform.python_version()}"
-    )
 
 
 def run_case(case: Case, t: int, repeats: int, full_runs: int) -> dict[str, float]:

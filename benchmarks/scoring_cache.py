@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import platform
 import shutil
 import tempfile
 import time
@@ -31,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from _common import machine
 
 from taskal.adapters import ClassificationAdapter
 from taskal.data import TensorPool
@@ -80,9 +79,8 @@ def main() -> None:
     pool = StoppingPool(images, None, [f"img_{i:06d}" for i in range(args.items)])
     batches = -(-(args.items - args.items // 10) // args.batch_size)
     print(
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads; ResNet-18, {args.items} "
-        f"images {args.size}x{args.size}, batch {args.batch_size} ({batches} batches)"
+        f"{machine()}; ResNet-18, {args.items} images {args.size}x{args.size}, batch "
+        f"{args.batch_size} ({batches} batches)"
     )
     root = Path(tempfile.mkdtemp(prefix="taskal_cache_bench_"))
     try:

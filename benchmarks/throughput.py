@@ -36,15 +36,13 @@ shared machine).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import best_of, cpu_model
+from _common import best_of, machine
 
 from taskal.data import TensorPool
 from taskal.registry import QUERY_STRATEGIES
@@ -134,14 +132,6 @@ def _calls(strategy: QueryStrategy) -> list[str]:
     if predicts and "embeddings" in needs:
         return ["predict_and_embed"]  # one forward where the adapter overrides it
     return ["predict"] if predicts else ["embed"]
-
-
-def machine() -> str:
-    return (
-        f"{cpu_model()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads (OMP_NUM_THREADS="
-        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}), python {platform.python_version()}"
-    )
 
 
 def run_task(task: str, args: argparse.Namespace, strategies: dict[str, QueryStrategy]) -> None:

@@ -125,10 +125,5 @@ class ChunkCache:
         torch.save({k: v.contiguous() for k, v in chunk.items()}, tmp)
         os.replace(tmp, path)
 
-    def count(self, name: str) -> int:
-        """How many batches of pass ``name`` are on disk."""
-        folder = self.root / name
-        return sum(1 for _ in folder.glob("*.pt")) if folder.is_dir() else 0
-
 
 __all__ = ["Chunk", "ChunkCache", "batch_spans", "ids_digest", "shard"]

@@ -224,6 +224,15 @@ class KMeansPPStats:
         return self.rows_read / max(1, self.updates * self.num_points)
 
 
+def _draw(min_N: Tensor, chosen: Tensor, generator: torch.Generator | None) -> int:
+    """The next seed, drawn with probability proportional to ``D(x)^2`` among the points not
+    chosen (uniformly when every remaining point duplicates a seed)."""
+    weights = min_N.masked_fill(chosen, 0.0).clamp_min(0.0)
+    if float(weights.sum()) <= 0.0:
+        weights = (~chosen).double()
+    return int(torch.multinomial(weights, 1, generator=generator))
+
+
 def kmeans_pp(
     dist_to: DistTo,
     num_points: int,
@@ -262,10 +271,7 @@ def kmeans_pp(
     chosen[first] = True
     min_dist_N = dist_to(first).cpu().double()
     while len(picks) < k:
-        weights = min_dist_N.masked_fill(chosen, 0.0).clamp_min(0.0)
-        if float(weights.sum()) <= 0.0:  # every remaining point duplicates a seed
-            weights = (~chosen).double()
-        j = int(torch.multinomial(weights, 1, generator=generator))
+        j = _draw(min_dist_N, chosen, generator)
         picks.append(j)
         chosen[j] = True
         min_dist_N = torch.minimum(min_dist_N, dist_to(j).cpu().double())
@@ -370,10 +376,7 @@ def _pruned_kmeans_pp(
             radius_K[new] = moved_d.max()
 
     while len(picks) < k:
-        weights = min_N.masked_fill(chosen, 0.0).clamp_min(0.0)
-        if float(weights.sum()) <= 0.0:  # every remaining point duplicates a seed
-            weights = (~chosen).double()
-        j = int(torch.multinomial(weights, 1, generator=generator))
+        j = _draw(min_N, chosen, generator)
         picks.append(j)
         chosen[j] = True
         if len(picks) < k:
