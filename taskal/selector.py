@@ -302,8 +302,9 @@ class Selector:
 
         Labels never reach the adapter: every batch passes through
         :meth:`Batch.without_labels` first. Batch ``b`` seeds torch's RNG (forked) with
-        ``mix_seed(seed, b)``; ``seed=None`` draws it from ``generator``. Under torchrun
-        every rank scores its share of the batches and gets everything back.
+        ``mix_seed(seed, b)``; ``seed=None`` draws it from ``generator``. With
+        ``distributed=True`` in a process group every rank scores its share of the batches
+        and gets everything back.
         """
         strategy = self.strategy
         if generator is None:
