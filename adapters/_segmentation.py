@@ -133,6 +133,47 @@ def pad_images(images: Sequence[Tensor], divisor: int = 1) -> tuple[Tensor, list
     return out, sizes
 
 
+#: the widest per-pixel logit range (max - min over classes) at which
+#: :func:`upsampled_softmax` shifts by the low-resolution maximum (see there).
+SHIFT_RANGE = 50.0
+
+
+def upsampled_softmax(
+    logits_BChw: Tensor, size: Sequence[int], out: Tensor | None = None
+) -> Tensor:
+    """Softmax over classes of ``logits_BChw`` upsampled bilinearly (``align_corners=False``)
+    to ``size``: ``[B, C, H, W]``, channels-last (each pixel's classes adjacent, as the
+    per-pixel ``[U, C]`` output holds them), written into ``out`` (``[B, H, W, C]``) when
+    given.
+
+    Softmax is unchanged by a per-pixel shift, and bilinear weights are convex, so the
+    logits are shifted by each low-resolution pixel's maximum before upsampling (an
+    ``h x w`` subtraction): every upsampled logit is then ``<= 0`` and its ``exp`` cannot
+    overflow, and the largest at a pixel is at least minus the widest class range among its
+    neighbours. While that range is at most :data:`SHIFT_RANGE` everywhere, nothing a
+    softmax keeps underflows and the result equals ``torch.softmax`` of the upsampled
+    logits up to float rounding, without its per-pixel maximum (slow over a few classes);
+    wider ranges take ``torch.softmax``.
+    """
+    b, c = int(logits_BChw.shape[0]), int(logits_BChw.shape[1])
+    h, w = int(size[0]), int(size[1])
+    logits = logits_BChw.float()
+    if out is None:
+        out = logits.new_empty(b, h, w, c)
+    top = logits.amax(1, keepdim=True)
+    shift = bool((top - logits.amin(1, keepdim=True)).amax() <= SHIFT_RANGE)
+    if shift:
+        logits = logits - top
+    logits = logits.contiguous(memory_format=torch.channels_last)
+    torch.ops.aten.upsample_bilinear2d.out(logits, [h, w], False, out=out.permute(0, 3, 1, 2))
+    if shift:
+        flat = out.view(-1, c).exp_()
+        flat.div_(flat.sum(1, keepdim=True))
+    else:
+        torch.softmax(out, -1, out=out)
+    return out.permute(0, 3, 1, 2)
+
+
 def pixel_predictions(
     probs_BCHWK: Tensor | Iterable[Tensor],
     sizes: Sequence[tuple[int, int]],
@@ -147,7 +188,9 @@ def pixel_predictions(
         probs_BCHWK: softmax probabilities of the padded batch, ``K`` samples last; or an
             iterable of ``num_samples`` maps ``[B, C, H, W]`` (MC dropout), each written
             straight into the per-pixel output as it is drawn: no ``[B, C, H, W, K]``
-            stack, and one sample's map alive at a time.
+            stack, and one sample's map alive at a time (a map is copied before the next
+            is drawn, so the iterable may reuse one buffer; channels-last maps copy
+            fastest). The output is then a view of a ``[K, U, C]`` buffer.
         sizes: every image's own ``(h, w)``; pixels of the padding are no units.
         units: the pixels to return (``None``: every pixel of every image, row-major).
         region_maps: every image's ``[h, w]`` region ids (:meth:`PixelRegions.region_map`).
@@ -202,20 +245,18 @@ def _unit_probs(
     for k, sample in enumerate(probs):
         if k >= num_samples:
             raise ValueError(f"more than num_samples={num_samples} probability maps")
+        c = int(sample.shape[1])
         if out is None:
             total = int(counts.sum()) if rows is None else len(rows)
-            out = sample.new_empty(num_samples, total, sample.shape[1])
-        if rows is None and all(hw == tuple(sample.shape[-2:]) for hw in sizes):
-            # no padding: the whole batch in one copy, [B, C, H, W] -> [B, H*W, C]
-            out[k].view(sample.shape[0], -1, sample.shape[1]).copy_(
-                sample.flatten(2).transpose(1, 2)
-            )
-        elif rows is None:
+            out = sample.new_empty(num_samples, total, c)
+        if rows is None:  # image by image, [C, h, w] -> [h * w, C]: a plain copy for
             for i, (h, w) in enumerate(sizes):
-                out[k, ends[i] - h * w : ends[i]] = sample[i, :, :h, :w].flatten(1).T
+                out[k, ends[i] - h * w : ends[i]].view(h, w, c).copy_(  # channels-last maps
+                    sample[i, :, :h, :w].permute(1, 2, 0)
+                )
         else:
             flat = torch.cat([sample[i, :, :h, :w].flatten(1).T for i, (h, w) in enumerate(sizes)])
-            out[k] = flat[rows.to(flat.device)]
+            torch.index_select(flat, 0, rows.to(flat.device), out=out[k])
     if out is None or k != num_samples - 1:
         raise ValueError(f"{k + 1} probability maps for num_samples={num_samples}")
     return out.permute(1, 2, 0)  # [U, C, K], a view: no copy of the whole output

@@ -22,7 +22,7 @@ and padded bottom-right with zeros to a common size, a multiple of ``size_diviso
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ from taskal.adapters._segmentation import (
     check_pixel_units,
     pad_images,
     pixel_predictions,
+    upsampled_softmax,
 )
 from taskal.registry import ADAPTERS, MODELS, build
 from taskal.types import Adapter, Batch, FeatureInfo, FeatureMap, Predictions, Units, as_levels
@@ -186,7 +187,7 @@ class TorchvisionSegmentationAdapter(Adapter):
             if n_samples > 1:
                 cached = store["input"]
                 with self.stochastic():
-                    draws = (self._resample(cached, x.shape[-2:]) for _ in range(n_samples))
+                    draws = self._draws(cached, x.shape[-2:], n_samples)
                     return pixel_predictions(
                         draws, sizes, units, maps, self.regions.cost, n_samples
                     )
@@ -289,11 +290,19 @@ class TorchvisionSegmentationAdapter(Adapter):
     def _capture_rerun_input(self) -> contextlib.AbstractContextManager[dict[str, Any]]:
         return _capture_input(self._model.get_submodule(self._cache_module))
 
-    def _resample(self, cached: Any, size: torch.Size) -> Tensor:
-        """Softmax maps ``[B, C, H, W]`` from one run of the re-sampled part on ``cached``."""
-        logits = self._rerun(cached)
-        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return logits.float().softmax(1)
+    def _resample(self, cached: Any, size: torch.Size, out: Tensor | None = None) -> Tensor:
+        """Softmax maps ``[B, C, H, W]`` (channels-last, in ``out`` ``[B, H, W, C]`` when
+        given) from one run of the re-sampled part on ``cached``."""
+        return upsampled_softmax(self._rerun(cached), size, out)
+
+    def _draws(self, cached: Any, size: torch.Size, n_samples: int) -> Iterator[Tensor]:
+        """``n_samples`` MC softmax maps in one buffer, each draw overwriting the one
+        before: the consumer copies a map out before it asks for the next."""
+        out: Tensor | None = None
+        for _ in range(n_samples):
+            probs = self._resample(cached, size, out)
+            out = probs.permute(0, 2, 3, 1)
+            yield probs
 
     def _final_channels(self) -> int:
         head = self._head

@@ -4,8 +4,9 @@ Every adapter that taskal ships runs one batch of random images (models with ran
 weights, nothing downloaded), in one process:
 
 * ``classification``: torchvision's ResNet-18 (dropout injected on the ``fc`` input);
-* ``tv_seg``: torchvision's DeepLabV3 on MobileNetV3-Large, 21 classes (dropout injected
-  before the head's final convolution; ``--seg-model fcn_resnet50`` for a heavier one);
+* ``tv_seg``: torchvision's DeepLabV3 on ResNet-50, 21 classes (dropout injected before the
+  head's final convolution; ``--seg-model`` picks another); ``tv_seg_mobilenet``: the same
+  on MobileNetV3-Large, a light network whose per-pixel output is a large share of a pass;
 * ``mmseg``: the repository's mmseg UNet-S5 (``configs/seg/unet_s5_synthetic_medical.py``,
   the decode head's ``cls_seg`` re-run);
 * ``tv_faster_rcnn``, ``tv_retinanet``, ``tv_fcos``: torchvision's detectors on taskal's
@@ -23,11 +24,10 @@ pass ``s``: the time of one run of that part alone on the cached inputs (what on
 runs), divided by one pass. The floor of ``T`` samples is ``1 + (T - 1) * s`` passes;
 ``measured / floor`` tells how much more the adapter spends. Targets (issue 9): ``T`` = 20
 samples at most 1.2x one pass for classification and segmentation, within 10 % of the floor
-for detection. Times are the best of ``--repeats`` runs (of at least 5 for one pass and the
-re-run part); the reference times ``--full-runs`` full passes (5; ``T`` of them with
-``--full-runs 20``) one by one and counts ``T`` times their median, so that a busy shared
-machine does not inflate it. Torch runs on ``--threads`` threads (1 by default: steadier
-timings on a shared machine).
+for detection. Times are the best of ``--repeats`` runs (5); the reference times
+``--full-runs`` full passes (5; ``T`` of them with ``--full-runs 20``) one by one and counts
+``T`` times their median, so that a busy shared machine does not inflate it. Torch runs on
+``--threads`` threads (1 by default: steadier timings on a shared machine).
 
 An mmdet dense head without dropout of its own re-runs only its class layer (``retina_cls``)
 on the cached inputs; with dropout of its own it re-runs the whole ``bbox_head``, and then the
@@ -35,6 +35,7 @@ script also times the module that holds the dropout alone: the share a finer par
 
     python benchmarks/mc_dropout.py                      # every adapter, T=20
     python benchmarks/mc_dropout.py --only classification tv_seg --samples 10
+    python benchmarks/mc_dropout.py --only tv_seg tv_seg_mobilenet
     python benchmarks/mc_dropout.py --only tv_seg --seg-model fcn_resnet50
     python benchmarks/mc_dropout.py --images 2 --repeats 2   # a quicker look
 """
@@ -135,13 +136,13 @@ def classification(args: argparse.Namespace) -> Case:
     )
 
 
-def tv_seg(args: argparse.Namespace) -> Case:
+def tv_seg(args: argparse.Namespace, name: str) -> Case:
     from taskal.adapters import TorchvisionSegmentationAdapter
     from taskal.adapters._hooks import eval_mode
     from taskal.adapters.torchvision_segmentation import torchvision_segmenter
 
     size = args.seg_size
-    model = torchvision_segmenter(args.seg_model, num_classes=args.seg_classes)
+    model = torchvision_segmenter(name, num_classes=args.seg_classes)
     adapter = TorchvisionSegmentationAdapter(model)
     batch = Batch(_images(args.images, (size, size)), [str(i) for i in range(args.images)])
     x, _ = adapter.preprocess(batch.inputs)
@@ -153,7 +154,7 @@ def tv_seg(args: argparse.Namespace) -> Case:
         return adapter._resample(cached, x.shape[-2:])
 
     return Case(
-        f"tv_seg ({args.seg_model}, {args.images} x {size}x{size}, {args.seg_classes} classes)",
+        f"tv_seg ({name}, {args.images} x {size}x{size}, {args.seg_classes} classes)",
         "seg",
         adapter,
         batch,
@@ -307,7 +308,8 @@ def _mmdet(family: str, args: argparse.Namespace) -> Case:
 
 CASES: dict[str, Callable[[argparse.Namespace], Case]] = {
     "classification": classification,
-    "tv_seg": tv_seg,
+    "tv_seg": lambda a: tv_seg(a, a.seg_model),
+    "tv_seg_mobilenet": lambda a: tv_seg(a, "deeplabv3_mobilenet_v3_large"),
     "mmseg": mmseg,
     "tv_faster_rcnn": lambda a: _tv_det("faster_rcnn", a),
     "tv_retinanet": lambda a: _tv_det("retinanet", a),
@@ -321,11 +323,11 @@ def run_case(case: Case, t: int, repeats: int, full_runs: int) -> dict[str, floa
     adapter, batch = case.adapter, case.batch
     adapter.predict(batch)  # warm-up (allocator, first-call set-up)
     adapter.predict(batch, n_samples=2)
-    one = best_of(lambda: adapter.predict(batch), max(repeats, 5))
+    one = best_of(lambda: adapter.predict(batch), repeats)
     cached = best_of(lambda: adapter.predict(batch, n_samples=t), repeats)
     with torch.no_grad(), adapter.stochastic():  # entered once, as predict does
-        part = best_of(case.rerun, max(repeats, 5))
-        finest = best_of(case.finest[1], max(repeats, 5)) if case.finest is not None else None
+        part = best_of(case.rerun, repeats)
+        finest = best_of(case.finest[1], repeats) if case.finest is not None else None
     each = []  # full passes, each timed: T x their median resists a busy machine
     for _ in range(min(t, full_runs)):
         start = time.perf_counter()
@@ -352,12 +354,12 @@ def main() -> None:
     p.add_argument("--seg-classes", type=int, default=21)
     p.add_argument(
         "--seg-model",
-        default="deeplabv3_mobilenet_v3_large",
-        help="torchvision segmenter (fcn_resnet50, deeplabv3_resnet50, ...)",
+        default="deeplabv3_resnet50",
+        help="torchvision segmenter of tv_seg (fcn_resnet50, deeplabv3_mobilenet_v3_large, ...)",
     )
     p.add_argument("--mmseg-size", type=int, default=128)
     p.add_argument("--det-size", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument(
         "--full-runs",
         type=int,
@@ -372,8 +374,8 @@ def main() -> None:
     t = args.samples
     print(machine())
     print(
-        f"T={t} MC samples, {args.images} images per batch; times: best of {args.repeats} "
-        "(one pass and the re-run part: of at least 5); T full passes: T x the median of "
+        f"T={t} MC samples, {args.images} images per batch; times: best of {args.repeats}; "
+        "T full passes: T x the median of "
         f"{min(t, args.full_runs)} timed full passes"
     )
     rows = []

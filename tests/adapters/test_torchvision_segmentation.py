@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from taskal.adapters import EnsembleAdapter, TorchvisionSegmentationAdapter
-from taskal.adapters._segmentation import PixelRegions
+from taskal.adapters._segmentation import SHIFT_RANGE, PixelRegions, upsampled_softmax
 from taskal.adapters.torchvision_segmentation import pixel_loss, torchvision_segmenter
 from taskal.registry import ADAPTERS, MODELS, build
 from taskal.segmenters import small_segmenter
@@ -78,6 +78,24 @@ class TestFCN(AdapterConformance):
         finally:
             hook.remove()
         assert calls == [1], "the backbone ran once; the samples re-ran the classifier's end"
+
+    def test_every_mc_sample_is_its_own_rerun(self) -> None:
+        # samples after the first reuse one scratch buffer: each must still be its own draw
+        adapter, batch = _adapter(self.arch), _batch()
+        torch.manual_seed(3)
+        got = adapter.predict(batch, n_samples=4).probs_UCK
+        x, sizes = adapter.preprocess(batch.inputs)
+        torch.manual_seed(3)
+        with torch.no_grad(), adapter._capture_rerun_input() as store:
+            adapter.model.eval()(x)
+        with torch.no_grad(), adapter.stochastic():
+            for k in range(4):
+                want = adapter._resample(store["input"], x.shape[-2:])
+                flat = torch.cat(
+                    [want[i, :, :h, :w].flatten(1).T for i, (h, w) in enumerate(sizes)]
+                )
+                assert torch.equal(got[..., k], flat), f"sample {k}"
+        assert not torch.equal(got[..., 2], got[..., 3])
 
     def test_subset_of_pixels_and_foreign_units(self) -> None:
         adapter, batch = _adapter(self.arch), _batch()
@@ -224,3 +242,25 @@ def test_registered_builders_and_refusals() -> None:
         adapter.per_sample_loss(
             Batch([torch.zeros(3, 8, 8)], ["x"], data_samples=[{"gt_sem_seg": torch.zeros(4, 4)}])
         )
+
+
+@pytest.mark.parametrize("scale", [3.0, 40.0])  # class ranges under and over SHIFT_RANGE
+def test_upsampled_softmax_is_the_softmax_of_the_upsampled_logits(scale: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 4, 6, generator=g) * scale
+    want = F.interpolate(logits, size=(13, 22), mode="bilinear", align_corners=False).softmax(1)
+    got = upsampled_softmax(logits, (13, 22))
+    assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+    out = torch.full((2, 13, 22, 5), float("nan"))
+    again = upsampled_softmax(logits, (13, 22), out)
+    assert again.data_ptr() == out.data_ptr() and torch.equal(again, got)
+
+
+def test_upsampled_softmax_of_logits_too_wide_to_shift() -> None:
+    # between two pixels sure of opposite classes the shifted logits would all underflow
+    logits = torch.tensor([[200.0, -200.0], [-200.0, 200.0]]).T.reshape(1, 2, 1, 2)
+    assert float(logits.max() - logits.min()) > SHIFT_RANGE
+    want = F.interpolate(logits, size=(1, 3), mode="bilinear", align_corners=False).softmax(1)
+    got = upsampled_softmax(logits, (1, 3))
+    assert torch.isfinite(got).all() and torch.allclose(got, want)
