@@ -148,12 +148,13 @@ def upsampled_softmax(
 
     Softmax is unchanged by a per-pixel shift, and bilinear weights are convex, so the
     logits are shifted by each low-resolution pixel's maximum before upsampling (an
-    ``h x w`` subtraction): every upsampled logit is then ``<= 0`` and its ``exp`` cannot
-    overflow, and the largest at a pixel is at least minus the widest class range among its
-    neighbours. While that range is at most :data:`SHIFT_RANGE` everywhere, nothing a
-    softmax keeps underflows and the result equals ``torch.softmax`` of the upsampled
-    logits up to float rounding, without its per-pixel maximum (slow over a few classes);
-    wider ranges take ``torch.softmax``.
+    ``h x w`` subtraction instead of ``torch.softmax``'s per-pixel maximum, which is slow
+    over a few classes): every upsampled logit is then ``<= 0``, so ``exp`` cannot overflow,
+    and a pixel's largest is at least minus the widest class range (max - min) among its
+    low-resolution neighbours. While that range is at most :data:`SHIFT_RANGE` everywhere,
+    the result is ``torch.softmax`` of the upsampled logits up to float rounding, save that
+    probabilities under about ``1e-16`` (``exp(SHIFT_RANGE - 87)``) may come out 0; wider
+    ranges take ``torch.softmax``.
     """
     b, c = int(logits_BChw.shape[0]), int(logits_BChw.shape[1])
     h, w = int(size[0]), int(size[1])
@@ -249,11 +250,10 @@ def _unit_probs(
         if out is None:
             total = int(counts.sum()) if rows is None else len(rows)
             out = sample.new_empty(num_samples, total, c)
-        if rows is None:  # image by image, [C, h, w] -> [h * w, C]: a plain copy for
+        if rows is None:  # image by image, [C, h, w] -> [h, w, C] (channels-last: a memcpy)
             for i, (h, w) in enumerate(sizes):
-                out[k, ends[i] - h * w : ends[i]].view(h, w, c).copy_(  # channels-last maps
-                    sample[i, :, :h, :w].permute(1, 2, 0)
-                )
+                dest = out[k, ends[i] - h * w : ends[i]].view(h, w, c)
+                dest.copy_(sample[i, :, :h, :w].permute(1, 2, 0))
         else:
             flat = torch.cat([sample[i, :, :h, :w].flatten(1).T for i, (h, w) in enumerate(sizes)])
             torch.index_select(flat, 0, rows.to(flat.device), out=out[k])
