@@ -29,6 +29,10 @@ for detection. Times are the best of ``--repeats`` runs (5); the reference times
 ``T`` times their median, so that a busy shared machine does not inflate it. Torch runs on
 ``--threads`` threads (1 by default: steadier timings on a shared machine).
 
+For segmentation the script also times the first write of a fresh buffer as large as the
+``T``-sample per-pixel output (``[pixels, C, T]`` float32): the memory it must fault in
+once, which the floor (one sample's part, its buffer reused) leaves out.
+
 An mmdet dense head without dropout of its own re-runs only its class layer (``retina_cls``)
 on the cached inputs; with dropout of its own it re-runs the whole ``bbox_head``, and then the
 script also times the module that holds the dropout alone: the share a finer part would have.
@@ -339,6 +343,9 @@ def run_case(case: Case, t: int, repeats: int, full_runs: int) -> dict[str, floa
     out = {"one": one, "cached": cached, "full": full, "part": part, "s": s, "floor": floor}
     if finest is not None:
         out["finest"] = finest / one
+    if case.task == "seg":  # first write of a fresh buffer the size of the T-sample output
+        numel = adapter.predict(batch, n_samples=t).probs_UCK.numel()
+        out["first_write"] = best_of(lambda: torch.empty(numel).fill_(0.5), repeats)
     return out
 
 
@@ -406,6 +413,13 @@ def main() -> None:
             print(
                 f"  finer part: {case.finest[0]} alone on its cached inputs, s = {fine:.4f}, "
                 f"floor {1 + (t - 1) * fine:.3f}x (the adapter re-runs the whole head)",
+                flush=True,
+            )
+        if "first_write" in r:
+            w = r["first_write"]
+            print(
+                f"  writing a fresh buffer of the T-sample output's size once: {w * 1e3:.1f} ms "
+                f"({w / r['one']:.3f} of one pass; part of the T samples, not of the floor)",
                 flush=True,
             )
         rows.append((name, r, measured, ok))
