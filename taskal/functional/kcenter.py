@@ -5,8 +5,10 @@ every center.
 :func:`k_center_greedy_features` (also taken by :func:`k_center_greedy` when it is handed
 :func:`~taskal.functional.distances.sq_dists_to`'s function and nothing is labeled) picks
 in exact batches and prunes with the triangle inequality, reading only the rows whose
-distance can still shrink; its picks are identical to the plain loop's. Memory is ``O(N)``
-beyond the features (plus a float32 copy of float64 features, by default).
+distance can still shrink (and, once regions have centers, not even those while they are
+well inside the farthest points' distance); its picks are identical to the plain loop's.
+Memory is ``O(N)`` beyond the features (plus a float32 copy of float64 features, by
+default).
 """
 
 from __future__ import annotations
@@ -105,6 +107,8 @@ class KCenterStats:
         groups_scanned: (center group, pick) pairs not skipped whole, summed over picks.
         screen: whether a float32 copy of the features was made for bounds.
         batches: exact batches of picks (each followed by one update of the distances).
+        refreshed: lazy points (left out of updates while well inside the farthest points'
+            distance) brought up to date when they came near the top again.
     """
 
     num_points: int = 0
@@ -115,6 +119,7 @@ class KCenterStats:
     groups_scanned: int = 0
     screen: bool = False
     batches: int = 0
+    refreshed: int = 0
 
     @property
     def read_fraction(self) -> float:
@@ -138,14 +143,16 @@ def k_center_greedy_features(
     run as the plain loop, with ``init = min_sq_dists(x_ND, labeled_LD)`` when labeled points
     are given (same distances bit for bit, same random first pick and tie-breaking).
 
-    **Batches.** Distances only shrink, so while the current distances ``d`` are exact, the
-    ``T`` largest (the candidates) hold the next picks for as long as the farthest candidate,
+    **Batches.** Distances only shrink, so while the ``T`` largest distances ``d`` (the
+    candidates) are exact, they hold the next picks for as long as the farthest candidate,
     with its distance to the picks made meanwhile folded in, is still strictly farther than
-    ``beta``, the ``(T+1)``-th largest ``d``: every other point is at most ``beta`` away. The
-    candidates' rows are read into one block and the plain loop is run on them alone (one
-    pass over the block per pick); the picks it makes before it reaches ``beta`` are the
-    plain loop's next picks. Only then is everyone else's ``d`` brought up to date, for all
-    the batch's picks at once.
+    ``beta``, the ``(T+1)``-th largest ``d``: every other point is at most ``beta`` away
+    (its ``d`` need only be an upper bound). The candidates' rows are read into one block
+    and the plain loop is run on them alone (one pass over the block per pick); the picks it
+    makes before it reaches ``beta`` are the plain loop's next picks. Candidates that fall
+    to ``beta`` or below can no longer be picked in the batch and are dropped from the
+    block (in the same order, so ties still go the same way). Only then is everyone else's
+    ``d`` brought up to date, for all the batch's picks at once.
 
     **Update.** Every point keeps its nearest center ``a_i`` and squared distance ``d_i``.
     ``||x_i - x_j|| >= ||c - x_j|| - ||x_i - c||`` means a point of center ``c`` can only
@@ -154,13 +161,23 @@ def k_center_greedy_features(
     ``d_i`` and ``a_i`` alone, and once every region has centers the pairs left come from
     each center's short list of near picks. While regions still lack centers (most points
     may move to the new picks) the rows are read once for all the batch's picks instead, as
-    one float32 matrix product; a pair is then settled when its rounding-safe bounds show
-    that its computed distance can neither go below ``d_i`` nor be the nearest of the
-    point's new picks (with a float32 copy of float64 features, the later pairs are
-    screened the same way, one pair at a time). The rest are computed exactly, one
-    canonical call per pick over just those rows, so the running minimum is the plain
-    loop's bit for bit. Extra memory is ``O(N + (L + budget) D)`` and a block of
-    candidates, plus an ``N x D`` float32 copy of float64 features when ``screen`` is on.
+    one float32 matrix product whose entries are compared with a floor per row and per
+    pick: a pair at or below it has an estimate that shows its computed distance cannot go
+    below ``d_i``. A pair left is settled when its rounding-safe bounds show that its
+    computed distance can neither go below ``d_i`` nor be the nearest of the point's new
+    picks (with a float32 copy of float64 features, the later pairs are screened the same
+    way, one pair at a time, picks near the same center in turn so that the rows they share
+    are still in cache). The rest are computed exactly, one canonical call per pick over
+    just those rows, so the running minimum is the plain loop's bit for bit.
+
+    **Lazy points.** Once regions have centers, a point whose ``d`` is already at most
+    ``0.95 beta`` is left out of the updates: its ``d`` stays an upper bound (at exactly
+    its distance to ``a_i``, so the thresholds stay valid) and it remembers the first pick
+    it missed. It cannot be a candidate while ``beta`` stays above its ``d``; when it comes
+    among the ``T`` largest again, the picks it missed are folded in (pruned and screened
+    like an update's) before the batch starts. Extra memory is ``O(N + (L + budget) D)``
+    and a block of candidates, plus an ``N x D`` float32 copy of float64 features when
+    ``screen`` is on.
 
     Args:
         x_ND: ``[N, D]`` floating candidate embeddings (float32 keeps 1M x 512 at 2 GB).
@@ -285,6 +302,7 @@ class _Bounds:
         norm_err = _gamma(dim, u_sq) * r * r + 2 * dim * torch.finfo(x_ND.dtype).tiny * s2
         self.big_e = (2 * dot_err + 2 * norm_err + 16 * _U64 * 4 * r * r) * (1 + _SAFE)
         self._dots: _RowDots | None = None
+        self._slack = 2.0**-40 * r * r + 2.0**-120  # above float64 rounding of S; subnormals
 
     @staticmethod
     def supported(dists: SqDistsTo, labeled_LD: Tensor | None) -> bool:
@@ -300,7 +318,7 @@ class _Bounds:
         return rows, (x_MD * x_MD).sum(1).to(torch.float64).mul_(self.scale * self.scale)
 
     def pair_dots(self, idx_P: Tensor, pb: Tensor, pk: Tensor) -> Tensor:
-        """Bound-row dot products of points ``idx_P`` with picks ``pk[pb]`` (``pb`` sorted)."""
+        """Bound-row dot products of points ``idx_P`` with picks ``pk[pb]`` (in runs of one)."""
         if self._dots is None:
             self._dots = _RowDots(self.rows_ND)
         picks, counts = torch.unique_consecutive(pb, return_counts=True)
@@ -316,18 +334,34 @@ class _Bounds:
         """``S`` in float64 (shapes broadcast): within ``E`` of ``s^2`` times the truth."""
         return (sq_a + sq_b).sub_(dots.to(torch.float64), alpha=2.0)
 
-    def cutoff(self, d: Tensor, s_min: Tensor, delta: float) -> Tensor:
+    def cutoff(self, d: Tensor, s_min: Tensor | None, delta: float) -> Tensor:
         """Per point, the estimates ``S`` of pairs that may matter lie below this.
 
         A computed distance is within ``delta`` of the true one, so a pair can lower a
         point's ``d`` only if ``(S - E) / s^2 - delta < d``, and can be its new nearest
         only if ``(S - E) / s^2 - delta <= (S_min + E) / s^2 + delta`` for the point's
-        smallest estimate ``S_min``; enlarged by ``2**-30`` against rounding (it is > 0).
+        smallest estimate ``S_min`` over any of its pairs (``None``: that test left out);
+        enlarged by ``2**-30`` against rounding (it is > 0).
         """
         s2 = self.scale * self.scale
         cut = d.to(torch.float64).add_(delta).mul_(s2).add_(self.big_e)
-        cut = torch.minimum(cut, s_min + (2 * self.big_e + 2 * delta * s2))
+        if s_min is not None:
+            cut = torch.minimum(cut, s_min + (2 * self.big_e + 2 * delta * s2))
         return cut.mul_(1 + 2.0**-30)
+
+    def dot_floors(self, sq: Tensor, cut: Tensor | None = None) -> Tensor:
+        """Halves ``t`` in the bound rows' dtype: a pair whose computed dot product is at
+        most ``fl(t_a + t_b)``, with ``t_a`` from a point's ``cut`` and ``t_b`` from a
+        pick (``cut`` ``None``), has an estimate ``S >= cut``, so fails :meth:`cutoff`.
+
+        ``S = q_a + q_b - 2 dot >= cut`` whenever ``dot <= (q_a - cut) / 2 + q_b / 2``
+        exactly. Each half is lowered by ``2**-22`` of its size (above the float64 rounding
+        of the halves and the rounding of converting them to float32 and adding them) and
+        by a slack above the float64 rounding of ``S`` itself (``+inf`` stays ``+inf``).
+        """
+        half = (sq if cut is None else sq - cut).to(torch.float64) * 0.5
+        lower = torch.where(half > 0, half * (1 - 2.0**-22), half * (1 + 2.0**-22))
+        return lower.sub_(self._slack).to(self.rows_ND.dtype)
 
 
 def _prune_thresholds(t_K: Tensor, delta: float, dtype: torch.dtype) -> Tensor:
@@ -345,6 +379,7 @@ def _prune_thresholds(t_K: Tensor, delta: float, dtype: torch.dtype) -> Tensor:
 
 
 _T_START = 256  # candidates per batch at first, and at least
+_LAZY = 0.95  # sparse updates leave out points with d at most this times the last beta
 
 
 def _pruned_k_center(
@@ -360,7 +395,9 @@ def _pruned_k_center(
 
     State, ``O(N + K D)`` for ``K = L + budget`` centers: ``d_N`` and ``assign_N`` (each
     point's squared distance to, and index of, its nearest center; ``d = -inf`` once
-    picked), exact at the start of every batch, and the centers' bound rows.
+    picked), exact at the start of every batch but for lazy points (``stale_N``: ``d`` an
+    upper bound, at exactly the distance to center ``assign_N``, missing the picks from
+    position ``since_N`` on, never among the candidates), and the centers' bound rows.
     """
     x_ND, sq_N = dists.x_ND, dists.sq_norm_N
     n, dim = int(x_ND.shape[0]), int(x_ND.shape[1])
@@ -408,34 +445,113 @@ def _pruned_k_center(
     else:
         cent_KD[0], cent_sq_K[0] = bounds.rows_ND[first], bounds.sq_N[first]
     num_centers = max(1, num_labeled)
+    center_pt = torch.full((cap_k,), -1, dtype=torch.long, device=dev)  # picks' indices
+    if labeled_LD is None:
+        center_pt[0] = first
+    # lazy points: d_N an upper bound (assign_N still a center at exactly that distance),
+    # missing the picks from position since_N on; exact again before they can matter
+    stale_N = torch.zeros(n, dtype=torch.bool, device=dev)
+    since_N = torch.zeros(n, dtype=torch.long, device=dev)
+    floor = [-math.inf]  # sparse updates leave points with d at most this lazy
+    sparse = [False]  # whether the last update was a sparse one
 
     full = [False]  # whether the last batch stopped at its cap rather than at beta
 
+    def near_pairs(
+        rows: Tensor, g_Q: Tensor, near_GP: Tensor, thr_GP: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The pairs (row, pick) that the triangle inequality leaves: rows ``rows`` (of
+        groups ``g_Q``) with the picks near their group whose threshold their ``d`` exceeds;
+        picks as columns of ``near_GP`` and ``thr_GP``."""
+        gk, gb = near_GP.nonzero().unbind(1)  # sorted by group
+        thr_G = thr_GP[gk, gb]
+        count_G = torch.bincount(gk, minlength=near_GP.shape[0])
+        start_G = count_G.cumsum(0).sub_(count_G)
+        reps_Q = count_G.index_select(0, g_Q)
+        qi = torch.repeat_interleave(reps_Q)  # row of each (row, near pick)
+        first_Q = reps_Q.cumsum(0).sub_(reps_Q)
+        at = torch.arange(qi.shape[0], device=dev)
+        at.add_((start_G.index_select(0, g_Q) - first_Q).index_select(0, qi))
+        stats.entries_scanned += int(qi.shape[0])
+        keep = d_N.index_select(0, rows).index_select(0, qi) > thr_G.index_select(0, at)
+        return rows.index_select(0, qi[keep]), gb.index_select(0, at[keep])
+
+    def refresh(r_R: Tensor) -> None:
+        """Make lazy points ``r_R`` exact: fold in the picks since the oldest one they
+        missed, pairs left by the triangle inequality around their centers, screened."""
+        stats.refreshed += int(r_R.shape[0])
+        a_R, d_R = assign_N.index_select(0, r_R), d_N.index_select(0, r_R)
+        first_c = int(since_N.index_select(0, r_R).min()) + num_labeled
+        groups, g_R = torch.unique(a_R, return_inverse=True)
+        radius_G = torch.full(groups.shape, -math.inf, dtype=dtype, device=dev)
+        radius_G.scatter_reduce_(0, g_R, d_R, "amax")
+        found: list[tuple[Tensor, Tensor]] = []
+        step = max(1, 2**22 // int(groups.shape[0]))
+        for c0 in range(first_c, num_centers, step):  # the picks' centers, a slice at a time
+            c_P = torch.arange(c0, min(num_centers, c0 + step), device=dev)
+            dots_GP = cent_KD.index_select(0, groups) @ cent_KD.index_select(0, c_P).T
+            t_GP = bounds.lower(cent_sq_K[groups, None], cent_sq_K[c_P][None], dots_GP)
+            thr_GP = _prune_thresholds(t_GP, delta, dtype)
+            pr, pp = near_pairs(r_R, g_R, radius_G[:, None] > thr_GP, thr_GP)
+            found.append((pr, pp + c0))
+        pr, pc = (torch.cat(parts) for parts in zip(*found, strict=True))
+        pc, order = torch.sort(pc, stable=True)
+        pr = pr.index_select(0, order)
+        if bounds.copied and pr.shape[0]:  # bound rows cost half the exact ones: screen
+            stats.rows_screened += int(pr.shape[0])
+            pr, pc = screened(pr, pc, bounds.pair_dots(pr, pc, center_pt), 0)
+        exact(pr, pc)
+        stale_N.index_fill_(0, r_R, False)
+
     def next_batch(size: int) -> list[int]:
-        """The plain loop's next picks, as many as the ``size`` farthest points settle."""
+        """The plain loop's next picks, as many as the ``size`` farthest points settle
+        (made exact first if lazy); sets the floor of the lazy points from its beta."""
         want = budget - len(picks)
         size = min(size, n - len(picks))
-        vals, top = torch.topk(d_N, min(size + 1, n))
+        while True:  # the candidates exact: lazy ones among them refreshed
+            vals, top = torch.topk(d_N, min(size + 1, n))
+            if not bool(stale_N.index_select(0, top[:size]).any()):
+                break
+            wide = torch.topk(d_N, min(2 * size, n)).indices  # a few rounds' worth at once
+            refresh(wide.masked_select(stale_N.index_select(0, wide)))
         beta = float(vals[size]) if vals.shape[0] > size else -math.inf
+        floor[0] = _LAZY * beta
         cand = top[:size]
         cand = cand.index_select(0, torch.argsort(rank_N.index_select(0, cand)))
         e_C = d_N.index_select(0, cand)
         block, sq_C = dists.gather(cand)
+        cand_list = cand.tolist()
         batch: list[int] = []
+        read = 0
         while len(batch) < want:
-            if len(batch) * size > 4 * n:  # the block read 4 times over: update, shrink
+            if read > 4 * n:  # as many rows read as 4 full passes: update, shrink
                 full[0] = True
                 break
-            i = int(torch.argmax(e_C))  # the first maximum: the best ranked among ties
-            if not float(e_C[i]) > beta:  # someone outside may be as far: stop here
+            best, at = e_C.max(0)  # the first maximum: the best ranked among ties
+            if not float(best) > beta:  # someone outside may be as far: stop here
                 break
-            batch.append(int(cand[i]))
+            i = int(at)
+            batch.append(cand_list[i])
             e_C[i] = -math.inf
-            if len(batch) < want:
-                torch.minimum(e_C, dists.block(block, sq_C, batch[-1]), out=e_C)
-                stats.rows_read += int(cand.shape[0])
-        if not batch:  # the farthest ties with beta: settle the tie over every point
+            if len(batch) == want:
+                break
+            torch.minimum(e_C, dists.block(block, sq_C, batch[-1]), out=e_C)
+            read += len(cand_list)
+            if len(batch) % 4 == 0:  # drop the candidates at or below beta (picked ones too):
+                live = (e_C > beta).nonzero().flatten()  # they cannot be picked any more
+                if 4 * int(live.shape[0]) <= 3 * len(cand_list):
+                    if live.shape[0] == 0:
+                        break
+                    cand, e_C = cand.index_select(0, live), e_C.index_select(0, live)
+                    block, sq_C = dists.gather(cand)  # same rank order: same tie-breaking
+                    cand_list = cand.tolist()
+        stats.rows_read += read
+        while not batch:  # the farthest ties with beta: settle the tie over every point
             tied = (d_N == d_N.max()).nonzero().flatten()
+            lazy = tied.masked_select(stale_N.index_select(0, tied))
+            if lazy.shape[0]:
+                refresh(lazy)
+                continue
             batch.append(int(tied[rank_N.index_select(0, tied).argmin()]))
         return batch
 
@@ -444,7 +560,13 @@ def _pruned_k_center(
         nonlocal num_centers
         k0, b = num_centers, len(batch)
         pk = torch.tensor(batch, dtype=torch.long, device=dev)
+        # pairs are read in runs of one pick; picks near the same center take turns, so
+        # that the rows they share are read again while still in cache
+        turn_B = torch.empty(b, dtype=torch.long, device=dev)
+        by_center = torch.argsort(assign_N.index_select(0, pk), stable=True)
+        turn_B[by_center] = torch.arange(b, device=dev)
         cent_KD[k0 : k0 + b] = bounds.rows_ND.index_select(0, pk)
+        center_pt[k0 : k0 + b] = pk
         cent_sq_K[k0 : k0 + b] = bounds.sq_N.index_select(0, pk)
         new_BD, new_sq_B = cent_KD[k0 : k0 + b], cent_sq_K[k0 : k0 + b]
         num_centers += b
@@ -452,6 +574,12 @@ def _pruned_k_center(
         thr_KB = _prune_thresholds(t_KB, delta, dtype)
         # a point whose d is at most all its group's thresholds keeps d: O(N) scalars read
         cand_N = d_N > thr_KB.amin(1).index_select(0, assign_N)
+        if sparse[0]:  # regions have centers: points already nearer than floor turn lazy
+            lazy_N = cand_N & ((d_N <= floor[0]) | stale_N)
+            late = (lazy_N & ~stale_N).nonzero().flatten()
+            since_N.index_fill_(0, late, len(picks) - b)
+            stale_N.index_fill_(0, late, True)
+            cand_N &= ~lazy_N
         cand = cand_N.nonzero().flatten()
         stats.batches += 1
         stats.entries_scanned += n
@@ -465,72 +593,87 @@ def _pruned_k_center(
         near_KB = radius_K[:, None] > thr_KB  # (group, pick) pairs not skipped whole
         stats.groups_scanned += int(near_KB.sum())
         # (candidate, pick) pairs left by the group tests: few once every region has centers
-        size_K = torch.bincount(assign_N.index_select(0, cand), minlength=k0)
-        if 2 * int(near_KB.sum(1).mul_(size_K).sum()) < q * b:
-            sparse_update(cand, near_KB, thr_KB, pk, k0)
-            return
-        # a new region's first picks, where most points may move: dense pair tests, reading
-        # bound rows once for all picks (slices of consecutive rows when most are candidates)
-        rows = max(16, min(dists._dots.chunk * 2, 2**20 // b))
-        dense = 4 * q >= n
-        for r0 in range(0, n if dense else q, rows):
-            r1 = min(n if dense else q, r0 + rows)
-            c_R = torch.arange(r0, r1, device=dev) if dense else cand[r0:r1]
-            d_R, a_R = d_N.index_select(0, c_R), assign_N.index_select(0, c_R)
-            need_RB = d_R[:, None] > thr_KB.index_select(0, a_R)  # never off cand_N
-            h_RD = bounds.rows_ND[r0:r1] if dense else bounds.rows_ND.index_select(0, c_R)
-            sq_R = bounds.sq_N.index_select(0, c_R)
-            s_RB = bounds.estimate(sq_R[:, None], new_sq_B, h_RD @ new_BD.T)
-            need_RB &= s_RB < bounds.cutoff(d_R, s_RB.amin(1), delta)[:, None]
-            stats.entries_scanned += int(need_RB.numel())
-            stats.rows_screened += int(c_R.shape[0])
-            pb, pr = need_RB.T.nonzero().unbind(1)  # pairs sorted by pick
-            exact(c_R.index_select(0, pr), pb, pk, k0)
-
-    def sparse_update(cand: Tensor, near_KB: Tensor, thr_KB: Tensor, pk: Tensor, k0: int) -> None:
-        """The pairs (candidate, pick) not skipped, from each group's list of near picks."""
-        gk, gb = near_KB.nonzero().unbind(1)  # sorted by group
-        thr_G = thr_KB[gk, gb]
-        count_K = torch.bincount(gk, minlength=k0)
-        start_K = count_K.cumsum(0).sub_(count_K)
         a_Q = assign_N.index_select(0, cand)
-        reps_Q = count_K.index_select(0, a_Q)
-        qi = torch.repeat_interleave(reps_Q)  # candidate of each (candidate, near pick)
-        first_Q = reps_Q.cumsum(0).sub_(reps_Q)
-        at = torch.arange(qi.shape[0], device=dev)
-        at.add_((start_K.index_select(0, a_Q) - first_Q).index_select(0, qi))
-        stats.entries_scanned += int(qi.shape[0])
-        keep = d_N.index_select(0, cand).index_select(0, qi) > thr_G.index_select(0, at)
-        pr, pb = cand.index_select(0, qi[keep]), gb.index_select(0, at[keep])
-        pb, order = torch.sort(pb, stable=True)
-        pr = pr.index_select(0, order)
-        if bounds.copied and pr.shape[0]:  # bound rows cost half the exact ones: screen
-            dots_P = bounds.pair_dots(pr, pb, pk)
-            sq_P = bounds.sq_N.index_select(0, pr)
-            s_P = bounds.estimate(sq_P, cent_sq_K[k0:].index_select(0, pb), dots_P)
-            stats.rows_screened += int(pr.shape[0])
-            s_min_N = torch.full((n,), math.inf, dtype=torch.float64, device=dev)
-            s_min_N.scatter_reduce_(0, pr, s_P, "amin")
-            cut_P = bounds.cutoff(d_N.index_select(0, pr), s_min_N.index_select(0, pr), delta)
-            at_P = (s_P < cut_P).nonzero().flatten()
-            pr, pb = pr.index_select(0, at_P), pb.index_select(0, at_P)
-        exact(pr, pb, pk, k0)
+        size_K = torch.bincount(a_Q, minlength=k0)
+        sparse[0] = 2 * int(near_KB.sum(1).mul_(size_K).sum()) < q * b
+        if sparse[0]:  # each group's short list of near picks, screened one pair at a time
+            pr, pb = near_pairs(cand, a_Q, near_KB, thr_KB)
+            order = torch.argsort(turn_B.index_select(0, pb), stable=True)
+            pr, pb = pr.index_select(0, order), pb.index_select(0, order)
+            if bounds.copied and pr.shape[0]:  # bound rows cost half the exact ones: screen
+                stats.rows_screened += int(pr.shape[0])
+                pr, pb = screened(pr, pb, bounds.pair_dots(pr, pb, pk), k0)
+            exact(pr, pb + k0)
+            return
+        # a new region's first picks, where most points may move: every candidate against
+        # every pick, as matrix products of bound rows with the picks; all rows, in order,
+        # unless gathering the candidates' rows (about 3 times the cost of reading them in
+        # order) costs less than the products it saves
+        contiguous = n * (4 + b) <= q * (12 + b)
+        total = n if contiguous else q
+        # chunks whose temporaries stay small (fresh memory is slow to touch): products of
+        # 2**18 entries, gathered rows of 1 MiB
+        rows = 2**18 // b
+        if not contiguous:
+            rows = min(rows, 2**20 // (dim * bounds.rows_ND.element_size()))
+        rows = max(16, min(total, rows))
+        floor_B = bounds.dot_floors(new_sq_B)
+        found: list[tuple[Tensor, Tensor, Tensor]] = []
+        for r0 in range(0, total, rows):
+            r1 = min(total, r0 + rows)
+            c_R = torch.arange(r0, r1, device=dev) if contiguous else cand[r0:r1]
+            h_RD = bounds.rows_ND[r0:r1] if contiguous else bounds.rows_ND.index_select(0, c_R)
+            sq_R = bounds.sq_N.index_select(0, c_R)
+            dots_RB = h_RD @ new_BD.T
+            # a row's pair with the largest dot - q_b / 2 is about its smallest estimate: that
+            # pair's estimate serves as S_min in the row's cutoff (any pair's does); entries at
+            # or below the row's floor plus the pick's cannot pass the cutoff
+            best_R = (dots_RB - floor_B).argmax(1)
+            s_best_R = bounds.estimate(
+                sq_R, new_sq_B.index_select(0, best_R), dots_RB.gather(1, best_R[:, None])[:, 0]
+            )
+            cut_R = bounds.cutoff(d_N.index_select(0, c_R), s_best_R, delta)
+            floor_RB = bounds.dot_floors(sq_R, cut_R)[:, None] + floor_B
+            r_P, b_P = (dots_RB > floor_RB).nonzero().unbind(1)
+            found.append((c_R.index_select(0, r_P), b_P, dots_RB[r_P, b_P]))
+            stats.entries_scanned += int(dots_RB.numel())
+            stats.rows_screened += r1 - r0
+        pr, pb, dots_P = (torch.cat(parts) for parts in zip(*found, strict=True))
+        # the triangle inequality's test, then the estimates' (pr, pb never off cand_N)
+        at_P = (d_N.index_select(0, pr) > thr_KB[assign_N.index_select(0, pr), pb]).nonzero()
+        pr, pb, dots_P = (t.index_select(0, at_P.flatten()) for t in (pr, pb, dots_P))
+        order = torch.argsort(turn_B.index_select(0, pb), stable=True)
+        pr, pb, dots_P = (t.index_select(0, order) for t in (pr, pb, dots_P))
+        pr, pb = screened(pr, pb, dots_P, k0)
+        exact(pr, pb + k0)
 
-    def exact(pr: Tensor, pb: Tensor, pk: Tensor, k0: int) -> None:
-        """Computed distances of points ``pr`` to picks ``pk[pb]`` (sorted by ``pb``),
+    def screened(pr: Tensor, pb: Tensor, dots_P: Tensor, k0: int) -> tuple[Tensor, Tensor]:
+        """The pairs (point, center ``k0 + pb``) whose bound-row dot products ``dots_P``
+        leave them able to lower ``d`` or to be the point's new nearest (see
+        :meth:`_Bounds.cutoff`), order kept."""
+        sq_P = bounds.sq_N.index_select(0, pr)
+        s_P = bounds.estimate(sq_P, cent_sq_K[k0:].index_select(0, pb), dots_P)
+        s_min_N = torch.full((n,), math.inf, dtype=torch.float64, device=dev)
+        s_min_N.scatter_reduce_(0, pr, s_P, "amin")
+        cut_P = bounds.cutoff(d_N.index_select(0, pr), s_min_N.index_select(0, pr), delta)
+        at_P = (s_P < cut_P).nonzero().flatten()
+        return pr.index_select(0, at_P), pb.index_select(0, at_P)
+
+    def exact(pr: Tensor, pc: Tensor) -> None:
+        """Computed distances of points ``pr`` to picked centers ``pc`` (in runs of one),
         folded into ``d_N`` and ``assign_N``."""
         if pr.shape[0] == 0:
             return
-        dist_P = dists.pairs(pr, pk.index_select(0, pb))
+        dist_P = dists.pairs(pr, center_pt.index_select(0, pc))
         stats.rows_read += int(pr.shape[0])
         d_P = d_N.index_select(0, pr)
         closer_P = dist_P < d_P
         if not bool(closer_P.any()):
             return
-        pr, pb, dist_P = pr[closer_P], pb[closer_P], dist_P[closer_P]
+        pr, pc, dist_P = pr[closer_P], pc[closer_P], dist_P[closer_P]
         d_N.scatter_reduce_(0, pr, dist_P, "amin")
         won = dist_P == d_N.index_select(0, pr)  # a pick at the new minimum
-        assign_N.index_put_((pr[won],), pb[won] + k0)
+        assign_N.index_put_((pr[won],), pc[won])
 
     size = _T_START
     while len(picks) < budget:

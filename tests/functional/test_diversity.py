@@ -453,3 +453,44 @@ def test_k_center_greedy_plain_loop_for_extreme_norms() -> None:
     x = _dataset("clustered", 300, 6, torch.float64, seed=4) * 2.0**120
     got, _ = _pruned(x, 30, None, seed=2)
     assert got == _plain_k_center(x, 30, None, seed=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("lazy", [0.95, 1.0, 1.5])
+def test_lazy_points_refreshed_equal_plain_loop(
+    dtype: torch.dtype, lazy: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Points left out of sparse updates (d well inside the farthest points') are brought up
+    to date when they come near the top again: a floor at or above beta forces that often."""
+    monkeypatch.setattr(D, "_LAZY", lazy)
+    g = torch.Generator().manual_seed(2)
+    means = torch.randn(30, 24, generator=g, dtype=dtype) * 3
+    x = means[torch.randint(30, (2500,), generator=g)] + 0.3 * torch.randn(
+        2500, 24, generator=g, dtype=dtype
+    )
+    x[2000:2050] = x[:50]  # exact duplicates: ties, also among lazy points
+    for labeled in (None, x[:5] + 0.05):
+        want = _plain_k_center(x, 600, labeled, seed=7)
+        for screen in (False, True):
+            got, stats = _pruned(x, 600, labeled, seed=7, screen=screen)
+            assert got == want, (lazy, screen, labeled is None)
+            if lazy >= 1.0:
+                assert stats.refreshed > 0, stats
+
+
+def test_dot_floors_never_drop_a_pair_the_cutoff_keeps() -> None:
+    """The matrix products' floor test keeps every pair whose estimate passes cutoff."""
+    g = torch.Generator().manual_seed(3)
+    for dtype, copy in ((torch.float64, True), (torch.float64, False), (torch.float32, False)):
+        x = torch.randn(300, 40, generator=g, dtype=dtype) * torch.rand(300, 1, generator=g)
+        dists = F.sq_dists_to(x)
+        bounds = D._Bounds(dists, copy, float(dists.sq_norm_N.max()))
+        d = torch.rand(300, generator=g, dtype=torch.float64).to(dtype) * 4
+        d[:5] = float("-inf")  # picked points: no pair passes
+        dots = bounds.rows_ND @ bounds.rows_ND[:60].T
+        s = bounds.estimate(bounds.sq_N[:, None], bounds.sq_N[None, :60], dots)
+        cut = bounds.cutoff(d, None, 1e-9)
+        floor = bounds.dot_floors(bounds.sq_N, cut)[:, None] + bounds.dot_floors(bounds.sq_N[:60])
+        kept = dots > floor
+        assert not (s < cut[:, None])[~kept].any()
+        assert kept[5:].any() and not kept[:5].any()
