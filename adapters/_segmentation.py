@@ -146,15 +146,17 @@ def upsampled_softmax(
     per-pixel ``[U, C]`` output holds them), written into ``out`` (``[B, H, W, C]``) when
     given.
 
-    Softmax is unchanged by a per-pixel shift, and bilinear weights are convex, so the
-    logits are shifted by each low-resolution pixel's maximum before upsampling (an
-    ``h x w`` subtraction instead of ``torch.softmax``'s per-pixel maximum, which is slow
-    over a few classes): every upsampled logit is then ``<= 0``, so ``exp`` cannot overflow,
-    and a pixel's largest is at least minus the widest class range (max - min) among its
-    low-resolution neighbours. While that range is at most :data:`SHIFT_RANGE` everywhere,
-    the result is ``torch.softmax`` of the upsampled logits up to float rounding, save that
-    probabilities under about ``1e-16`` (``exp(SHIFT_RANGE - 87)``) may come out 0; wider
-    ranges take ``torch.softmax``.
+    Softmax is unchanged by a per-pixel shift, and bilinear weights are convex (PyTorch
+    clamps source positions at the border), so the logits are shifted by each
+    low-resolution pixel's maximum before upsampling (a subtraction at low resolution
+    instead of ``torch.softmax``'s per-pixel maximum, which is slow over a few classes):
+    every upsampled logit is then ``<= 0``, so ``exp`` cannot overflow, and a pixel's
+    largest is at least minus the widest class range (max - min) among its low-resolution
+    neighbours. While that range is at most :data:`SHIFT_RANGE` everywhere, the result is
+    ``torch.softmax`` of the upsampled logits up to float rounding, save that probabilities
+    under about ``1e-16`` (``exp(SHIFT_RANGE - 87)``) may lose precision or come out 0;
+    wider ranges take ``torch.softmax``. The range test reads one scalar back (a host sync
+    per call on a GPU).
     """
     b, c = int(logits_BChw.shape[0]), int(logits_BChw.shape[1])
     h, w = int(size[0]), int(size[1])

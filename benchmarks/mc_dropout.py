@@ -31,7 +31,8 @@ for detection. Times are the best of ``--repeats`` runs (5); the reference times
 
 For segmentation the script also times the first write of a fresh buffer as large as the
 ``T``-sample per-pixel output (``[pixels, C, T]`` float32): the memory it must fault in
-once, which the floor (one sample's part, its buffer reused) leaves out.
+once, which the floor leaves out (one sample's part writes a map of one sample's size,
+whose memory the allocator hands back from the run before at the default sizes).
 
 An mmdet dense head without dropout of its own re-runs only its class layer (``retina_cls``)
 on the cached inputs; with dropout of its own it re-runs the whole ``bbox_head``, and then the

@@ -83,6 +83,11 @@ def _plain_k_center(
     while len(picks) < budget:
         masked = min_dist_N.masked_fill(chosen, -1.0)
         best = masked.max()
+        if bool(torch.isnan(best)):
+            raise ValueError(
+                "k-center distances are NaN: the embeddings hold NaN or inf; check the model's "
+                "features for the pool"
+            )
         j = int(torch.where(masked == best, priority_N, -1.0).argmax())
         picks.append(j)
         chosen[j] = True
@@ -289,7 +294,8 @@ class _Bounds:
                     self.scale
                 )
         s2 = self.scale * self.scale
-        self.sq_N = dists.sq_norm_N.to(torch.float64).mul_(s2)  # the features' own norms
+        # the features' own norms, scaled in a copy (never the distance function's own)
+        self.sq_N = dists.sq_norm_N.to(torch.float64, copy=True).mul_(s2)
         dim = int(x_ND.shape[1])
         fi = torch.finfo(self.rows_ND.dtype)
         tiny = fi.tiny * fi.eps  # the smallest subnormal: an absolute rounding-error floor
@@ -509,11 +515,13 @@ def _pruned_k_center(
         want = budget - len(picks)
         size = min(size, n - len(picks))
         while True:  # the candidates exact: lazy ones among them refreshed
-            vals, top = torch.topk(d_N, min(size + 1, n))
+            # one topk for both, so that the candidates are among the refreshed even when
+            # the cut falls inside a tie (two calls may break it differently)
+            vals, wide = torch.topk(d_N, min(max(2 * size, size + 1), n))
+            vals, top = vals[: size + 1], wide[: size + 1]
             if not bool(stale_N.index_select(0, top[:size]).any()):
                 break
-            wide = torch.topk(d_N, min(2 * size, n)).indices  # a few rounds' worth at once
-            refresh(wide.masked_select(stale_N.index_select(0, wide)))
+            refresh(wide.masked_select(stale_N.index_select(0, wide)))  # a few rounds' worth
         beta = float(vals[size]) if vals.shape[0] > size else -math.inf
         floor[0] = _LAZY * beta
         cand = top[:size]
@@ -639,7 +647,8 @@ def _pruned_k_center(
             stats.entries_scanned += int(dots_RB.numel())
             stats.rows_screened += r1 - r0
         pr, pb, dots_P = (torch.cat(parts) for parts in zip(*found, strict=True))
-        # the triangle inequality's test, then the estimates' (pr, pb never off cand_N)
+        # the triangle inequality's test, then the estimates' (lazy points may be among
+        # pr: their d is exact to their center, so the work is sound, only repeated)
         at_P = (d_N.index_select(0, pr) > thr_KB[assign_N.index_select(0, pr), pb]).nonzero()
         pr, pb, dots_P = (t.index_select(0, at_P.flatten()) for t in (pr, pb, dots_P))
         order = torch.argsort(turn_B.index_select(0, pb), stable=True)

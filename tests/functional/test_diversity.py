@@ -494,3 +494,35 @@ def test_dot_floors_never_drop_a_pair_the_cutoff_keeps() -> None:
         kept = dots > floor
         assert not (s < cut[:, None])[~kept].any()
         assert kept[5:].any() and not kept[:5].any()
+
+
+def test_candidate_cut_inside_a_tie_of_lazy_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Budget = N on a line: many points tie at the candidate cut, some of them lazy; the
+    candidates must still be refreshed (a second topk once broke the tie differently)."""
+    monkeypatch.setattr(D, "_T_START", 16)
+    for seed in (1, 2):
+        x = torch.randn(1500, 1, generator=torch.Generator().manual_seed(seed))
+        got, _ = _pruned(x, 1500, None, seed=seed)
+        assert got == _plain_k_center(x, 1500, None, seed=seed)
+
+
+@pytest.mark.parametrize("scale", [1e-10, 1e10])
+def test_bounds_leave_the_distance_functions_norms_alone(scale: float) -> None:
+    """Float64 features far from unit norm get a scaled float32 copy; scaling its norms must
+    not touch the distance function's own (every exact distance comes from those)."""
+    x = _dataset("clustered", 400, 8, torch.float64, seed=5) * scale
+    dist = F.sq_dists_to(x)
+    before = dist(0).clone()
+    picks = F.k_center_greedy(dist, 400, 60, None, torch.Generator().manual_seed(1)).tolist()
+    assert torch.equal(dist(0), before)
+    assert picks == _plain_k_center(x, 60, None, seed=1)
+    got, stats = _pruned(x, 60, None, seed=1, screen=True)
+    assert stats.screen and got == picks
+
+
+def test_plain_loop_refuses_nan_distances() -> None:
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    x[7, 2] = float("nan")
+    dist = F.sq_dists_to(x)
+    with pytest.raises(ValueError, match="NaN"):
+        F.k_center_greedy(lambda j: dist(j), 50, 5, None, torch.Generator().manual_seed(0))
