@@ -526,3 +526,18 @@ def test_plain_loop_refuses_nan_distances() -> None:
     dist = F.sq_dists_to(x)
     with pytest.raises(ValueError, match="NaN"):
         F.k_center_greedy(lambda j: dist(j), 50, 5, None, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("labeled", [False, True])
+def test_ties_at_the_farthest_settled_over_every_point(
+    labeled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Duplicates on a small grid: the farthest distance is often shared beyond the
+    candidates, so a batch settles the tie over every point, lazy ones refreshed first."""
+    monkeypatch.setattr(D, "_T_START", 8)
+    monkeypatch.setattr(D, "_LAZY", 1.5)
+    x = _dataset("grid", 800, 5, torch.float64, seed=6)
+    centers = x[:4] + 0.5 if labeled else None
+    want = _plain_k_center(x, 266, centers, seed=4)
+    got, stats = _pruned(x, 266, centers, seed=4)
+    assert got == want and stats.refreshed > 0, stats
