@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -137,7 +138,30 @@ class InjectedDropout:
         self.p = p
 
     def __call__(self, module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        return (F.dropout(args[0], p=self.p, training=module.training), *args[1:])
+        x = args[0]
+        return (sampled_dropout(x, self.p) if module.training else x, *args[1:])
+
+
+def sampled_dropout(x: Tensor, p: float) -> Tensor:
+    """``F.dropout(x, p, training=True)``: each element kept with probability ``1 - p`` and
+    scaled by ``1 / (1 - p)``, zeroed otherwise.
+
+    Without autograd on a CPU float tensor the mask is a uniform draw compared with ``p`` in
+    place (``P(u >= p) = 1 - p``), which takes about half the time of ``F.dropout``'s
+    Bernoulli sampling there; an MC sample of a segmentation head drops a whole feature map
+    per sample. The draws come from torch's global generator, so ``torch.manual_seed`` fixes
+    them as it fixes ``F.dropout``'s; the masks differ from ``F.dropout``'s under one seed.
+    Elsewhere (a GPU, half precision, a tensor that needs gradients) it is ``F.dropout``.
+    """
+    if (
+        x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or x.requires_grad
+        or not 0.0 < p < 1.0
+    ):
+        return F.dropout(x, p=p, training=True)
+    keep = torch.rand(x.shape, dtype=x.dtype).ge_(p)
+    return keep.mul_(x).mul_(1.0 / (1.0 - p))
 
 
 def inject_dropout(module: nn.Module, p: float) -> RemovableHandle:
@@ -179,11 +203,14 @@ def mc_dropout(model: nn.Module) -> Iterator[None]:
 
     Every dropout module with ``p > 0``, and every module carrying an
     :class:`InjectedDropout`, is switched to train mode; all modes are restored on exit.
+    Plain ``nn.Dropout`` modules sample through :func:`sampled_dropout` inside the block (the
+    same distribution, faster on the CPU); their own ``forward`` is back on exit.
 
     Raises:
         ValueError: when the model has no dropout at all (nothing would be sampled).
     """
     modes = {m: m.training for m in model.modules()}
+    swapped: list[nn.Module] = []
     try:
         model.eval()
         active = [
@@ -199,8 +226,14 @@ def mc_dropout(model: nn.Module) -> Iterator[None]:
             )
         for m in active:
             m.train()
+            if type(m) is nn.Dropout and not m.inplace and "forward" not in vars(m):
+                # the same distribution, sampled faster on the CPU (see sampled_dropout)
+                m.forward = functools.partial(sampled_dropout, p=m.p)  # type: ignore[method-assign]
+                swapped.append(m)
         yield
     finally:
+        for m in swapped:
+            del m.forward
         _restore(modes)
 
 
