@@ -16,8 +16,10 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from mmseg.models.decode_heads.decode_head import BaseDecodeHead
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 from torch.nn.modules.utils import _pair
 
 from taskal.adapters._hooks import capture_outputs
@@ -139,3 +141,53 @@ def decoder_module(head: nn.Module, feats: Any) -> tuple[str | None, Tensor]:
     found = [n for n in outs if n != _CONV and any(t is store[0] for t in as_levels(outs[n]))]
     found.sort(key=lambda n: n.count("."))  # outermost first (hooks fire inner first)
     return (found[0] if found else None), store[0]
+
+
+def folded_cls_seg(head: Any) -> tuple[float, Tensor, Tensor | None] | None:
+    """``(p, weight [C_out, C_in], bias)`` when ``head.cls_seg`` is mmseg's own on an
+    ``nn.Dropout2d(p)`` and a plain 1x1 ``conv_seg`` with no hooks anywhere (what
+    :func:`sampled_cls_seg` can stand in for), else ``None``."""
+    drop: Any = getattr(head, "dropout", None)
+    conv: Any = getattr(head, "conv_seg", None)
+    plain_conv = (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+    )
+    if (
+        type(head).cls_seg is not BaseDecodeHead.cls_seg
+        or type(drop) is not nn.Dropout2d
+        or not 0.0 < drop.p < 1.0
+        or not plain_conv
+        or any(m._forward_hooks or m._forward_pre_hooks for m in (drop, conv))
+        or _module._global_forward_hooks
+        or _module._global_forward_pre_hooks
+    ):
+        return None
+    return float(drop.p), conv.weight.flatten(1), conv.bias
+
+
+def sampled_cls_seg(x: Tensor, p: float, weight: Tensor, bias: Tensor | None, n: int) -> Tensor:
+    """``[n, B, C_out, h, w]``: ``n`` samples of ``Dropout2d(p)`` then a 1x1 convolution
+    (``weight`` ``[C_out, C_in]``, ``bias``) on ``x`` ``[B, C_in, h, w]``.
+
+    ``Dropout2d`` zeroes whole channels of each image and scales the rest by ``1 / (1 - p)``,
+    and a 1x1 convolution is linear in its channels, so each sample's mask folds into the
+    weights: ``conv(x * m / (1 - p)) = (W * m / (1 - p)) x``. All ``n`` samples are then one
+    batched product that reads ``x`` once, instead of ``n`` dropouts and convolutions. The
+    masks (``u >= p`` for uniform ``u`` from torch's global generator, one per image and
+    channel and sample) have ``Dropout2d``'s distribution; they are not the masks
+    ``Dropout2d`` itself would draw under the same seed.
+    """
+    b, c_in, h, w = (int(v) for v in x.shape)
+    c_out = int(weight.shape[0])
+    keep = torch.rand(n, b, c_in, dtype=x.dtype, device=x.device).ge_(p).mul_(1.0 / (1.0 - p))
+    masked = keep[:, :, None, :] * weight.to(x.dtype)[None, None]  # [n, B, C_out, C_in]
+    weights = masked.transpose(0, 1).reshape(b, n * c_out, c_in)
+    out = torch.bmm(weights, x.reshape(b, c_in, h * w))  # [B, n * C_out, h * w]
+    if bias is not None:
+        out += bias.to(x.dtype).repeat(n)[None, :, None]
+    return out.view(b, n, c_out, h, w).transpose(0, 1)

@@ -9,6 +9,7 @@ one click, the annotator gives it one class).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -171,10 +172,54 @@ def upsampled_softmax(
     torch.ops.aten.upsample_bilinear2d.out(logits, [h, w], False, out=out.permute(0, 3, 1, 2))
     if shift:
         flat = out.view(-1, c).exp_()
-        flat.div_(flat.sum(1, keepdim=True))
+        # the per-pixel sums as a matrix-vector product: faster than sum(1) over a few classes
+        flat.div_(torch.mv(flat, flat.new_ones(c)).unsqueeze(1))
     else:
         torch.softmax(out, -1, out=out)
     return out.permute(0, 3, 1, 2)
+
+
+class SpareOutput:
+    """Memory of an adapter's last MC output, handed out again once nothing uses it.
+
+    ``T`` samples of per-pixel probabilities fill a large ``[K, U, C]`` buffer (440 MB for
+    4 x 256x256 images, 21 classes, ``T = 20``). A fresh one costs the kernel's page faults
+    on its first write (about 0.19 s for that size on a 2-core CPU, as much as the samples'
+    own compute for a light network), every batch again: glibc maps buffers that large
+    afresh and returns them on free. Pool scoring drops a batch's predictions before it
+    predicts the next, so the adapter keeps the memory of its last output and reuses it when
+    no tensor refers to it any more (the storage's use count, read through
+    ``torch._C._storage_Use_Count``): predictions the caller still holds are never
+    overwritten. CPU only (a GPU's caching allocator already reuses memory). The adapter
+    keeps that one output's memory between calls; :meth:`clear` lets it go.
+    """
+
+    def __init__(self) -> None:
+        self._storage: torch.UntypedStorage | None = None
+
+    def take(self, shape: Sequence[int], like: Tensor) -> Tensor:
+        """A contiguous float tensor of ``shape`` with ``like``'s dtype and device: the kept
+        memory when it is large enough and unused, else fresh memory (then kept)."""
+        dtype, device = like.dtype, like.device
+        if device.type != "cpu" or not hasattr(torch._C, "_storage_Use_Count"):
+            return like.new_empty(*shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        kept = self._storage
+        if (
+            kept is not None
+            and kept.nbytes() >= nbytes
+            and torch._C._storage_Use_Count(kept._cdata) == 1  # only this object holds it
+        ):
+            strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]  # contiguous
+            return torch.empty(0, dtype=dtype, device=device).set_(kept, 0, shape, strides)
+        self._storage = None  # let the old memory go before taking new
+        fresh = like.new_empty(*shape)
+        self._storage = fresh.untyped_storage()
+        return fresh
+
+    def clear(self) -> None:
+        """Let the kept memory go (it is freed once the caller's predictions are)."""
+        self._storage = None
 
 
 def pixel_predictions(
@@ -184,6 +229,7 @@ def pixel_predictions(
     region_maps: Sequence[Tensor],
     cost: str,
     num_samples: int = 1,
+    spare: SpareOutput | None = None,
 ) -> Predictions:
     """Per-pixel :class:`Predictions` of a padded batch of probability maps.
 
@@ -199,11 +245,13 @@ def pixel_predictions(
         region_maps: every image's ``[h, w]`` region ids (:meth:`PixelRegions.region_map`).
         cost: ``"pixels"`` or ``"clicks"`` (see :class:`PixelRegions`).
         num_samples: ``K`` when the samples come one by one.
+        spare: where the ``[K, U, C]`` output of samples given one by one takes its memory
+            (see :class:`SpareOutput`; ``None``: fresh memory).
     """
     counts = torch.tensor([h * w for h, w in sizes])
     starts = torch.cumsum(counts, 0) - counts
     rows = None if units is None else starts[units.owner_U.cpu()] + units.unit_U.cpu()
-    probs = _unit_probs(probs_BCHWK, sizes, counts, rows, num_samples)
+    probs = _unit_probs(probs_BCHWK, sizes, counts, rows, num_samples, spare)
     device = probs.device
     regions = torch.cat([m.flatten() for m in region_maps]).to(device)
     if cost == "clicks":  # each pixel carries 1 / (its region's size): a region costs 1
@@ -234,6 +282,7 @@ def _unit_probs(
     counts: Tensor,
     rows: Tensor | None,
     num_samples: int,
+    spare: SpareOutput | None = None,
 ) -> Tensor:
     """``[U, C, K]``: the images' own pixels (row-major, padding dropped), or ``rows`` of
     them, from ``[B, C, H, W, K]`` or from ``K`` maps ``[B, C, H, W]`` given one by one."""
@@ -251,7 +300,8 @@ def _unit_probs(
         c = int(sample.shape[1])
         if out is None:
             total = int(counts.sum()) if rows is None else len(rows)
-            out = sample.new_empty(num_samples, total, c)
+            shape = (num_samples, total, c)
+            out = sample.new_empty(shape) if spare is None else spare.take(shape, sample)
         if rows is None:  # image by image, [C, h, w] -> [h, w, C] (channels-last: a memcpy)
             for i, (h, w) in enumerate(sizes):
                 dest = out[k, ends[i] - h * w : ends[i]].view(h, w, c)

@@ -31,7 +31,7 @@ mmseg's UNet needs (sides divisible by 16). Each image gets ``SegDataSample`` me
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -54,6 +54,7 @@ from taskal.adapters._hooks import (
 )
 from taskal.adapters._segmentation import (
     PixelRegions,
+    SpareOutput,
     check_pixel_units,
     pad_images,
     pixel_predictions,
@@ -63,6 +64,8 @@ from taskal.types import Adapter, Batch, FeatureInfo, FeatureMap, Predictions, U
 
 #: side of the zero image that gives the feature maps' strides at construction.
 _PROBE_SIZE = 64
+#: the most bytes of logits one batched product of MC samples makes (see _draws).
+_CHUNK_BYTES = 4 * 2**20
 #: taskal's label for an unlabeled pixel.
 UNLABELED = 255
 
@@ -118,6 +121,7 @@ class MMSegAdapter(Adapter):
         seg: Any = model  # mmseg segmentors are untyped: their parts are attributes
         infer.windows(seg.test_cfg, 1, 1)  # a bad test mode fails here, not at predict
         self.regions = PixelRegions.of(regions)
+        self._spare = SpareOutput()  # the memory of the last MC output, reused
         self._device = torch.device(device)
         self._model = model.to(self._device)
         self._seg = seg
@@ -161,12 +165,9 @@ class MMSegAdapter(Adapter):
             maps = [self.regions.region_map(img) for img in batch.inputs]
             if n_samples > 1:
                 with self.stochastic():
-                    draws = (
-                        self._softmax([self._head.cls_seg(c) for c in cached], wins, shape)
-                        for _ in range(n_samples)
-                    )
+                    draws = self._draws(cached, wins, shape, n_samples)
                     return pixel_predictions(
-                        draws, sizes, units, maps, self.regions.cost, n_samples
+                        draws, sizes, units, maps, self.regions.cost, n_samples, self._spare
                     )
             probs = self._softmax(logits, wins, shape).unsqueeze(-1)
         return pixel_predictions(probs, sizes, units, maps, self.regions.cost)
@@ -304,6 +305,27 @@ class MMSegAdapter(Adapter):
     def _softmax(self, logits: list[Tensor], wins: list[infer.Window], shape: Any) -> Tensor:
         """Softmax maps ``[B, C, H, W]`` of the padded batch from per-window head logits."""
         return infer.assemble(self._head, logits, wins, shape).float().softmax(1)
+
+    def _draws(
+        self, cached: list[Tensor], wins: list[infer.Window], shape: Any, n_samples: int
+    ) -> Iterator[Tensor]:
+        """``n_samples`` MC softmax maps ``[B, C, H, W]`` from ``cls_seg`` re-run on the
+        cached windows; with mmseg's own ``cls_seg`` (``Dropout2d`` and a 1x1 ``conv_seg``)
+        the samples come in chunks of one batched product each
+        (:func:`~taskal.adapters._mmseg_inference.sampled_cls_seg`) of at most
+        :data:`_CHUNK_BYTES` of logits."""
+        folded = infer.folded_cls_seg(self._head)
+        if folded is None:
+            for _ in range(n_samples):
+                yield self._softmax([self._head.cls_seg(c) for c in cached], wins, shape)
+            return
+        per_sample = sum(c[:, :1].numel() for c in cached) * self.num_classes * 4
+        chunk = max(1, min(n_samples, _CHUNK_BYTES // max(per_sample, 1)))
+        for start in range(0, n_samples, chunk):
+            n = min(chunk, n_samples - start)
+            logits = [infer.sampled_cls_seg(c, *folded, n) for c in cached]
+            for k in range(n):
+                yield self._softmax([window[k] for window in logits], wins, shape)
 
     def _probe(self) -> tuple[list[FeatureInfo], int]:
         """Feature layers from one zero image, and the stride of ``cls_seg``'s input."""

@@ -42,6 +42,7 @@ from taskal.adapters._hooks import (
 )
 from taskal.adapters._segmentation import (
     PixelRegions,
+    SpareOutput,
     check_pixel_units,
     pad_images,
     pixel_predictions,
@@ -133,6 +134,7 @@ class TorchvisionSegmentationAdapter(Adapter):
         if size_divisor < 1:
             raise ValueError(f"size_divisor must be >= 1, got {size_divisor}")
         self.regions = PixelRegions.of(regions)
+        self._spare = SpareOutput()  # the memory of the last MC output, reused
         self._device = torch.device(device)
         self._model = model.to(self._device)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self._device)[:, None, None]
@@ -189,7 +191,7 @@ class TorchvisionSegmentationAdapter(Adapter):
                 with self.stochastic():
                     draws = self._draws(cached, x.shape[-2:], n_samples)
                     return pixel_predictions(
-                        draws, sizes, units, maps, self.regions.cost, n_samples
+                        draws, sizes, units, maps, self.regions.cost, n_samples, self._spare
                     )
             probs = logits.float().softmax(1).unsqueeze(-1)
         return pixel_predictions(probs, sizes, units, maps, self.regions.cost)

@@ -82,3 +82,16 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def best_of_interleaved(fns: Sequence[Callable[[], object]], repeats: int) -> list[float]:
+    """The shortest of ``repeats`` timed calls of each of ``fns``, called in turn (``a, b,
+    a, b, ...``) so that a machine whose speed drifts during the run (other jobs, memory
+    reclaim) slows both alike rather than only the one timed later."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, own in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            own.append(time.perf_counter() - start)
+    return [min(own) for own in times]

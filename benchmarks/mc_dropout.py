@@ -24,7 +24,8 @@ pass ``s``: the time of one run of that part alone on the cached inputs (what on
 runs), divided by one pass. The floor of ``T`` samples is ``1 + (T - 1) * s`` passes;
 ``measured / floor`` tells how much more the adapter spends. Targets (issue 9): ``T`` = 20
 samples at most 1.2x one pass for classification and segmentation, within 10 % of the floor
-for detection. Times are the best of ``--repeats`` runs (5); the reference times
+for detection. Times are the best of ``--repeats`` runs (5; one pass and ``T`` samples
+called in turn, so that a drifting machine slows both alike); the reference times
 ``--full-runs`` full passes (5; ``T`` of them with ``--full-runs 20``) one by one and counts
 ``T`` times their median, so that a busy shared machine does not inflate it. Torch runs on
 ``--threads`` threads (1 by default: steadier timings on a shared machine).
@@ -32,7 +33,10 @@ for detection. Times are the best of ``--repeats`` runs (5); the reference times
 For segmentation the script also times the first write of a fresh buffer as large as the
 ``T``-sample per-pixel output (``[pixels, C, T]`` float32): the memory it must fault in
 once, which the floor leaves out (one sample's part writes a map of one sample's size,
-whose memory the allocator hands back from the run before at the default sizes).
+whose memory the allocator hands back from the run before at the default sizes). It also
+times ``T - 1`` runs of ``exp`` over one sample's ``[pixels, C]`` map into a second one: a
+lower bound, beyond one pass, of any MC sampling that gives per-pixel softmax
+probabilities at full resolution, however it is organised.
 
 An mmdet dense head without dropout of its own re-runs only its class layer (``retina_cls``)
 on the cached inputs; with dropout of its own it re-runs the whole ``bbox_head``, and then the
@@ -58,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import best_of, machine
+from _common import best_of, best_of_interleaved, machine
 from torch.nn import functional as F
 
 from taskal.types import Adapter, Batch
@@ -328,8 +332,9 @@ def run_case(case: Case, t: int, repeats: int, full_runs: int) -> dict[str, floa
     adapter, batch = case.adapter, case.batch
     adapter.predict(batch)  # warm-up (allocator, first-call set-up)
     adapter.predict(batch, n_samples=2)
-    one = best_of(lambda: adapter.predict(batch), repeats)
-    cached = best_of(lambda: adapter.predict(batch, n_samples=t), repeats)
+    one, cached = best_of_interleaved(
+        [lambda: adapter.predict(batch), lambda: adapter.predict(batch, n_samples=t)], repeats
+    )
     with torch.no_grad(), adapter.stochastic():  # entered once, as predict does
         part = best_of(case.rerun, repeats)
         finest = best_of(case.finest[1], repeats) if case.finest is not None else None
@@ -348,6 +353,8 @@ def run_case(case: Case, t: int, repeats: int, full_runs: int) -> dict[str, floa
         pixels = sum(int(x.shape[-2]) * int(x.shape[-1]) for x in batch.inputs)
         numel = pixels * adapter.num_classes * t  # [pixels, C, T]
         out["first_write"] = best_of(lambda: torch.empty(numel).fill_(0.5), repeats)
+        logits, probs = torch.rand(numel // t), torch.empty(numel // t)  # one sample's map
+        out["exp"] = (t - 1) * best_of(lambda: torch.exp(logits, out=probs), repeats)
     return out
 
 
@@ -422,6 +429,14 @@ def main() -> None:
             print(
                 f"  writing a fresh buffer of the T-sample output's size once: {w * 1e3:.1f} ms "
                 f"({w / r['one']:.3f} of one pass; part of the T samples, not of the floor)",
+                flush=True,
+            )
+        if "exp" in r:
+            e = r["exp"]
+            print(
+                f"  T-1 = {t - 1} exp over one sample's map: "
+                f"{e * 1e3:.1f} ms ({e / r['one']:.3f} of one pass): what a full-resolution "
+                "softmax per extra sample spends at least",
                 flush=True,
             )
         rows.append((name, r, measured, ok))

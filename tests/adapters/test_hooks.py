@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from adapters._hooks import InjectedDropout, inject_dropout, mc_dropout, sampled_dropout
+from taskal.adapters._hooks import InjectedDropout, inject_dropout, mc_dropout, sampled_dropout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -23,6 +23,7 @@ from mmseg.structures import SegDataSample
 from torch import nn
 
 from taskal.adapters import EnsembleAdapter, MMSegAdapter
+from taskal.adapters import _mmseg_inference as infer
 from taskal.llal.module import LossPredictionModule
 from taskal.registry import ADAPTERS, MODELS, build
 from taskal.types import Adapter, Batch, Units, same_units
@@ -315,3 +316,49 @@ def test_registered_builds_from_config_and_refuses() -> None:
         adapter.per_sample_loss(
             Batch([torch.zeros(3, 16, 16)], ["x"], data_samples=[{"gt_sem_seg": torch.zeros(4, 4)}])
         )
+
+
+def test_sampled_cls_seg_folds_channel_masks_into_the_weights() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 5, 7, generator=g)
+    conv = nn.Conv2d(6, 3, 1)
+    p, n = 0.4, 4
+    torch.manual_seed(7)
+    got = infer.sampled_cls_seg(x, p, conv.weight.flatten(1), conv.bias, n)
+    torch.manual_seed(7)  # the masks it draws: one per sample, image and channel
+    keep = (torch.rand(n, 2, 6) >= p).float() / (1 - p)
+    assert got.shape == (n, 2, 3, 5, 7)
+    with torch.no_grad():
+        for k in range(n):
+            want = conv(x * keep[k][:, :, None, None])
+            torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-5)
+    assert 0 < int((keep == 0).sum()) < keep.numel()  # some channels dropped, not all
+
+
+def test_mc_samples_take_one_product_per_window_unless_cls_seg_is_hooked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    adapter, batch = _adapter("unet_slide"), _batch()
+    calls = []
+    real = infer.sampled_cls_seg
+
+    def counted(*args: Any) -> torch.Tensor:
+        calls.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(infer, "sampled_cls_seg", counted)
+    torch.manual_seed(0)
+    probs = adapter.predict(batch, n_samples=5).probs_UCK
+    assert calls == [5] * _windows(adapter, batch)  # every sample of a window in one product
+    torch.testing.assert_close(probs.sum(1), torch.ones(probs.shape[0], 5))
+    assert not torch.allclose(probs[..., 0], probs[..., 4])
+    head: Any = adapter.model.decode_head
+    handle = head.conv_seg.register_forward_hook(lambda *_: None)
+    try:
+        assert infer.folded_cls_seg(head) is None  # a hook sees every sample: no folding
+        calls.clear()
+        adapter.predict(batch, n_samples=3)
+        assert calls == []
+    finally:
+        handle.remove()
+    assert infer.folded_cls_seg(head) is not None

@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from taskal.adapters import EnsembleAdapter, TorchvisionSegmentationAdapter
-from taskal.adapters._segmentation import SHIFT_RANGE, PixelRegions, upsampled_softmax
+from taskal.adapters._segmentation import (
+    SHIFT_RANGE,
+    PixelRegions,
+    SpareOutput,
+    upsampled_softmax,
+)
 from taskal.adapters.torchvision_segmentation import pixel_loss, torchvision_segmenter
 from taskal.registry import ADAPTERS, MODELS, build
 from taskal.segmenters import small_segmenter
@@ -264,3 +269,42 @@ def test_upsampled_softmax_of_logits_too_wide_to_shift() -> None:
     want = F.interpolate(logits, size=(1, 3), mode="bilinear", align_corners=False).softmax(1)
     got = upsampled_softmax(logits, (1, 3))
     assert torch.isfinite(got).all() and torch.allclose(got, want)
+
+
+def test_spare_output_is_reused_only_once_nothing_holds_it() -> None:
+    spare = SpareOutput()
+    like = torch.zeros(1)
+    a = spare.take((3, 5, 2), like)
+    ptr = a.data_ptr()
+    view = a.permute(1, 2, 0)
+    del a
+    b = spare.take((3, 5, 2), like)  # the view still holds the memory: fresh memory
+    assert b.data_ptr() != ptr and view.data_ptr() == ptr
+    ptr_b = b.data_ptr()
+    del view, b
+    c = spare.take((2, 5, 2), like)  # the kept memory (b's), large enough and unused
+    assert c.data_ptr() == ptr_b and c.shape == (2, 5, 2) and c.is_contiguous()
+    c.fill_(1.0)
+    assert spare.take((9, 9, 9), like).data_ptr() != ptr_b  # too small: fresh memory
+    del c
+    spare.clear()
+    assert spare.take((2, 5, 2), like.double()).dtype == torch.float64
+
+
+def test_mc_outputs_reuse_memory_without_overwriting_held_predictions() -> None:
+    adapter = _adapter("deeplabv3")
+    batch = _batch()
+    torch.manual_seed(0)
+    first = adapter.predict(batch, n_samples=3)
+    held = first.probs_UCK.clone()
+    torch.manual_seed(1)
+    second = adapter.predict(batch, n_samples=3)  # first is held: its memory is left alone
+    assert torch.equal(first.probs_UCK, held)
+    assert second.probs_UCK.data_ptr() != first.probs_UCK.data_ptr()
+    expected = second.probs_UCK.clone()
+    ptr = second.probs_UCK.data_ptr()
+    del first, second
+    torch.manual_seed(1)
+    third = adapter.predict(batch, n_samples=3)  # nothing holds the last output: reused
+    assert third.probs_UCK.data_ptr() == ptr
+    assert torch.equal(third.probs_UCK, expected)
