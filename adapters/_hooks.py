@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import functools
+import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -160,7 +160,7 @@ def sampled_dropout(x: Tensor, p: float) -> Tensor:
         or not 0.0 < p < 1.0
     ):
         return F.dropout(x, p=p, training=True)
-    keep = torch.rand(x.shape, dtype=x.dtype).ge_(p)
+    keep = torch.empty_like(x).uniform_().ge_(p)  # x's memory layout, as F.dropout keeps it
     return keep.mul_(x).mul_(1.0 / (1.0 - p))
 
 
@@ -197,6 +197,12 @@ def has_dropout(model: nn.Module) -> bool:
     return False
 
 
+def _sampled_forward(self: nn.Dropout, input: Tensor) -> Tensor:
+    """``nn.Dropout.forward`` through :func:`sampled_dropout`: the module's own ``p`` and
+    train/eval flag, read at every call."""
+    return sampled_dropout(input, self.p) if self.training else input
+
+
 @contextlib.contextmanager
 def mc_dropout(model: nn.Module) -> Iterator[None]:
     """Turn dropout on at test time only; BatchNorm and the rest stay in eval mode.
@@ -228,12 +234,12 @@ def mc_dropout(model: nn.Module) -> Iterator[None]:
             m.train()
             if type(m) is nn.Dropout and not m.inplace and "forward" not in vars(m):
                 # the same distribution, sampled faster on the CPU (see sampled_dropout)
-                m.forward = functools.partial(sampled_dropout, p=m.p)  # type: ignore[method-assign]
+                m.forward = types.MethodType(_sampled_forward, m)  # type: ignore[method-assign]
                 swapped.append(m)
         yield
     finally:
         for m in swapped:
-            del m.forward
+            vars(m).pop("forward", None)
         _restore(modes)
 
 

@@ -10,6 +10,7 @@ one click, the annotator gives it one class).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -188,10 +189,13 @@ class SpareOutput:
     own compute for a light network), every batch again: glibc maps buffers that large
     afresh and returns them on free. Pool scoring drops a batch's predictions before it
     predicts the next, so the adapter keeps the memory of its last output and reuses it when
-    no tensor refers to it any more (the storage's use count, read through
-    ``torch._C._storage_Use_Count``): predictions the caller still holds are never
-    overwritten. CPU only (a GPU's caching allocator already reuses memory). The adapter
-    keeps that one output's memory between calls; :meth:`clear` lets it go.
+    nothing refers to it any more: no tensor (the storage's use count, read through
+    ``torch._C._storage_Use_Count``), no storage handle (``untyped_storage()``,
+    ``storage()``: its Python reference count) and no other process (shared memory), so
+    predictions a caller still holds are never overwritten. Memory more than twice the size
+    asked for is not handed out (a small view of it would save or pickle all of it). CPU only
+    (a GPU's caching allocator already reuses memory). The adapter keeps that one output's
+    memory between calls; :meth:`clear` lets it go. Not thread-safe, as ``predict`` is not.
     """
 
     def __init__(self) -> None:
@@ -207,8 +211,10 @@ class SpareOutput:
         kept = self._storage
         if (
             kept is not None
-            and kept.nbytes() >= nbytes
-            and torch._C._storage_Use_Count(kept._cdata) == 1  # only this object holds it
+            and nbytes <= kept.nbytes() <= 2 * nbytes  # a view of far more would save it all
+            and torch._C._storage_Use_Count(kept._cdata) == 1  # no tensor holds it
+            and sys.getrefcount(kept) == 3  # nor a storage handle (this, ``kept``, the call)
+            and not kept.is_shared()  # nor another process (torch.multiprocessing)
         ):
             strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]  # contiguous
             return torch.empty(0, dtype=dtype, device=device).set_(kept, 0, shape, strides)

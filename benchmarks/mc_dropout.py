@@ -430,7 +430,8 @@ def main() -> None:
             w = r["first_write"]
             print(
                 f"  writing a fresh buffer of the T-sample output's size once: {w * 1e3:.1f} ms "
-                f"({w / r['one']:.3f} of one pass; part of the T samples, not of the floor)",
+                f"({w / r['one']:.3f} of one pass; a run's first T-sample call pays it, "
+                "later calls reuse the memory)",
                 flush=True,
             )
         if "exp" in r:

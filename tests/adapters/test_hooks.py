@@ -64,6 +64,14 @@ def test_mc_dropout_samples_plain_dropout_fast_and_gives_its_forward_back() -> N
         expected = model[2](sampled_dropout(hidden, 0.5))
     torch.testing.assert_close(a, expected)
     assert "forward" not in vars(drop) and not drop.training
+    with torch.no_grad(), mc_dropout(model):
+        assert torch.equal(drop(input=hidden), drop(hidden)) is False  # keywords work; samples
+        drop.eval()  # the module's own flag and p are read at every call
+        assert torch.equal(drop(hidden), hidden)
+        drop.train()
+        drop.p = 0.0
+        assert torch.equal(drop(hidden), hidden)
+        drop.p = 0.5
     with pytest.raises(RuntimeError, match="boom"), mc_dropout(model):
         raise RuntimeError("boom")
     assert "forward" not in vars(drop)  # given back after an error too

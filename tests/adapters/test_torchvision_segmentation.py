@@ -291,6 +291,26 @@ def test_spare_output_is_reused_only_once_nothing_holds_it() -> None:
     assert spare.take((2, 5, 2), like.double()).dtype == torch.float64
 
 
+def test_spare_output_is_not_reused_under_a_storage_handle_or_shared_or_far_too_large() -> None:
+    spare = SpareOutput()
+    like = torch.zeros(1)
+    a = spare.take((4, 10), like)
+    handle = a.untyped_storage()  # the very storage object the spare keeps
+    ptr = a.data_ptr()
+    del a
+    assert spare.take((4, 10), like).data_ptr() != ptr
+    del handle
+    b = spare.take((4, 10), like)
+    b.share_memory_()  # as torch.multiprocessing does before sending it to another process
+    ptr = b.data_ptr()
+    del b
+    assert spare.take((4, 10), like).data_ptr() != ptr
+    c = spare.take((4, 10), like)
+    ptr = c.data_ptr()
+    del c
+    assert spare.take((1, 10), like).data_ptr() != ptr  # 4x the size asked for: not handed out
+
+
 def test_mc_outputs_reuse_memory_without_overwriting_held_predictions() -> None:
     adapter = _adapter("deeplabv3")
     batch = _batch()
