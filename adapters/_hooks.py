@@ -147,10 +147,11 @@ def sampled_dropout(x: Tensor, p: float) -> Tensor:
     scaled by ``1 / (1 - p)``, zeroed otherwise.
 
     Without autograd on a CPU float tensor the mask is a uniform draw compared with ``p`` in
-    place (``P(u >= p) = 1 - p``), which takes about half the time of ``F.dropout``'s
-    Bernoulli sampling there; an MC sample of a segmentation head drops a whole feature map
-    per sample. The draws come from torch's global generator, so ``torch.manual_seed`` fixes
-    them as it fixes ``F.dropout``'s; the masks differ from ``F.dropout``'s under one seed.
+    place (``P(u >= p) = 1 - p``), which takes a half to a fifth of the time of
+    ``F.dropout``'s Bernoulli sampling there (an MC sample of a segmentation head or a
+    dense detector drops a whole feature map). The draws come from torch's global
+    generator, so ``torch.manual_seed`` fixes them as it fixes ``F.dropout``'s; the masks
+    differ from ``F.dropout``'s under one seed.
     Elsewhere (a GPU, half precision, a tensor that needs gradients) it is ``F.dropout``.
     """
     if (

@@ -227,6 +227,9 @@ class SpareOutput:
         """Let the kept memory go (it is freed once the caller's predictions are)."""
         self._storage = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_storage": None}  # a copied or pickled adapter starts without kept memory
+
 
 def pixel_predictions(
     probs_BCHWK: Tensor | Iterable[Tensor],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -309,6 +310,7 @@ def test_spare_output_is_not_reused_under_a_storage_handle_or_shared_or_far_too_
     ptr = c.data_ptr()
     del c
     assert spare.take((1, 10), like).data_ptr() != ptr  # 4x the size asked for: not handed out
+    assert copy.deepcopy(spare)._storage is None  # a copy keeps no memory of its own
 
 
 def test_mc_outputs_reuse_memory_without_overwriting_held_predictions() -> None:
