@@ -458,10 +458,10 @@ def _pruned_k_center(
     # missing the picks from position since_N on; exact again before they can matter
     stale_N = torch.zeros(n, dtype=torch.bool, device=dev)
     since_N = torch.zeros(n, dtype=torch.long, device=dev)
-    floor = [-math.inf]  # sparse updates leave points with d at most this lazy
-    sparse = [False]  # whether the last update was a sparse one
+    lazy_below = -math.inf  # sparse updates leave points with d at most this lazy
+    sparse = False  # whether the last update was a sparse one
 
-    full = [False]  # whether the last batch stopped at its cap rather than at beta
+    full = False  # whether the last batch stopped at its cap rather than at beta
 
     def near_pairs(
         rows: Tensor, g_Q: Tensor, near_GP: Tensor, thr_GP: Tensor
@@ -511,7 +511,8 @@ def _pruned_k_center(
 
     def next_batch(size: int) -> list[int]:
         """The plain loop's next picks, as many as the ``size`` farthest points settle
-        (made exact first if lazy); sets the floor of the lazy points from its beta."""
+        (made exact first if lazy); sets ``lazy_below`` from its beta."""
+        nonlocal lazy_below, full
         want = budget - len(picks)
         size = min(size, n - len(picks))
         while True:  # the candidates exact: lazy ones among them refreshed
@@ -523,7 +524,7 @@ def _pruned_k_center(
                 break
             refresh(wide.masked_select(stale_N.index_select(0, wide)))  # a few rounds' worth
         beta = float(vals[size]) if vals.shape[0] > size else -math.inf
-        floor[0] = _LAZY * beta
+        lazy_below = _LAZY * beta
         cand = top[:size]
         cand = cand.index_select(0, torch.argsort(rank_N.index_select(0, cand)))
         e_C = d_N.index_select(0, cand)
@@ -533,7 +534,7 @@ def _pruned_k_center(
         read = 0
         while len(batch) < want:
             if read > 4 * n:  # as many rows read as 4 full passes: update, shrink
-                full[0] = True
+                full = True
                 break
             best, at = e_C.max(0)  # the first maximum: the best ranked among ties
             if not float(best) > beta:  # someone outside may be as far: stop here
@@ -565,7 +566,7 @@ def _pruned_k_center(
 
     def update(batch: list[int]) -> None:
         """Fold the batch's picks (new centers) into ``d_N`` and ``assign_N``."""
-        nonlocal num_centers
+        nonlocal num_centers, sparse
         k0, b = num_centers, len(batch)
         pk = torch.tensor(batch, dtype=torch.long, device=dev)
         # pairs are read in runs of one pick; picks near the same center take turns, so
@@ -582,8 +583,8 @@ def _pruned_k_center(
         thr_KB = _prune_thresholds(t_KB, delta, dtype)
         # a point whose d is at most all its group's thresholds keeps d: O(N) scalars read
         cand_N = d_N > thr_KB.amin(1).index_select(0, assign_N)
-        if sparse[0]:  # regions have centers: points already nearer than floor turn lazy
-            lazy_N = cand_N & ((d_N <= floor[0]) | stale_N)
+        if sparse:  # regions have centers: points nearer than lazy_below turn lazy
+            lazy_N = cand_N & ((d_N <= lazy_below) | stale_N)
             late = (lazy_N & ~stale_N).nonzero().flatten()
             since_N.index_fill_(0, late, len(picks) - b)
             stale_N.index_fill_(0, late, True)
@@ -603,8 +604,8 @@ def _pruned_k_center(
         # (candidate, pick) pairs left by the group tests: few once every region has centers
         a_Q = assign_N.index_select(0, cand)
         size_K = torch.bincount(a_Q, minlength=k0)
-        sparse[0] = 2 * int(near_KB.sum(1).mul_(size_K).sum()) < q * b
-        if sparse[0]:  # each group's short list of near picks, screened one pair at a time
+        sparse = 2 * int(near_KB.sum(1).mul_(size_K).sum()) < q * b
+        if sparse:  # each group's short list of near picks, screened one pair at a time
             pr, pb = near_pairs(cand, a_Q, near_KB, thr_KB)
             order = torch.argsort(turn_B.index_select(0, pb), stable=True)
             pr, pb = pr.index_select(0, order), pb.index_select(0, order)
@@ -693,8 +694,8 @@ def _pruned_k_center(
             update(batch)
         # few picks per batch: the farthest points crowd in few regions, look at more of
         # them; many: fewer suffice (each pick reads all the candidates' rows)
-        if full[0] or 4 * len(batch) > size:
-            size, full[0] = max(size // 4, _T_START), False
+        if full or 4 * len(batch) > size:
+            size, full = max(size // 4, _T_START), False
         elif 16 * len(batch) < size:
             size = min(4 * size, max(_T_START, n // 32))
     return torch.tensor(picks, dtype=torch.long)
