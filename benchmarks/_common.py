@@ -76,12 +76,7 @@ def peak_mb() -> float:
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
     """The shortest of ``repeats`` timed calls of ``fn``, in seconds."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return best_of_interleaved([fn], repeats)[0]
 
 
 def best_of_interleaved(fns: Sequence[Callable[[], object]], repeats: int) -> list[float]:

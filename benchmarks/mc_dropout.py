@@ -36,9 +36,9 @@ once, which the floor leaves out (one sample's part writes a map of one sample's
 whose memory the allocator hands back from the run before at the default sizes). The
 segmentation adapters reuse the memory of their last output once nothing holds it, so only
 a run's first ``T``-sample call pays that write; the best of 5 is a later call. It also
-times ``T - 1`` runs of ``exp`` over one sample's ``[pixels, C]`` map into a second one: a
-lower bound, beyond one pass, of any MC sampling that gives per-pixel softmax
-probabilities at full resolution, however it is organised.
+times ``T - 1`` runs of ``exp`` over one sample's ``[pixels, C]`` map into a second one:
+with torch's ``exp`` on this machine, a lower bound beyond one pass of any MC sampling that
+gives per-pixel softmax probabilities at full resolution, however it is organised.
 
 An mmdet dense head without dropout of its own re-runs only its class layer (``retina_cls``)
 on the cached inputs; with dropout of its own it re-runs the whole ``bbox_head``, and then the
